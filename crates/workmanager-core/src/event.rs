@@ -1,0 +1,145 @@
+//! CloudEvents 1.0 in their JSON form, the representation every part of the
+//! core and every engine works with. Attributes and extensions are top-level
+//! keys; `data` holds parsed JSON when the content type is JSON, a string for
+//! other text, and `data_base64` holds binary data.
+use serde_json::{Map, Value};
+
+use crate::model::{now_rfc3339, WorkerId};
+
+pub const SPEC_VERSION: &str = "1.0";
+pub const UNKNOWN_TYPE: &str = "unknown";
+pub const UNKNOWN_SOURCE: &str = "urn:com.virtufin.workmanager:unknown";
+
+/// A CloudEvent in JSON structured form.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CloudEvent(pub Map<String, Value>);
+
+impl CloudEvent {
+    /// Accepts a JSON value as an input event. Anything that is not a valid
+    /// CloudEvent (missing or non-string `id`, `source`, `type`, `specversion`)
+    /// is wrapped as `type="unknown"` with the original value as its data, so
+    /// nothing is dropped.
+    pub fn from_input(value: Value) -> Self {
+        match value {
+            Value::Object(map) if is_valid(&map) => CloudEvent(map),
+            other => {
+                let mut m = Map::new();
+                m.insert("specversion".into(), SPEC_VERSION.into());
+                m.insert("id".into(), uuid::Uuid::new_v4().to_string().into());
+                m.insert("type".into(), UNKNOWN_TYPE.into());
+                m.insert("source".into(), UNKNOWN_SOURCE.into());
+                m.insert("datacontenttype".into(), "application/json".into());
+                m.insert("data".into(), other);
+                CloudEvent(m)
+            }
+        }
+    }
+
+    pub fn get_str(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(Value::as_str)
+    }
+
+    /// Sets each config entry as an extension attribute unless the event
+    /// already has that attribute (the event's own value wins).
+    pub fn stamp(&mut self, config: &std::collections::BTreeMap<String, String>) {
+        for (k, v) in config {
+            if !self.0.contains_key(k) {
+                self.0.insert(k.clone(), Value::String(v.clone()));
+            }
+        }
+    }
+
+    /// Completes a worker's output: inherits the input's `correlationid` when
+    /// the output has none, and fills `id`, `specversion`, `time` and `source`
+    /// when missing.
+    pub fn complete_output(&mut self, input: &CloudEvent, worker: &WorkerId) {
+        if !self.0.contains_key("correlationid") {
+            if let Some(c) = input.0.get("correlationid") {
+                self.0.insert("correlationid".into(), c.clone());
+            }
+        }
+        self.0
+            .entry("id")
+            .or_insert_with(|| uuid::Uuid::new_v4().to_string().into());
+        self.0
+            .entry("specversion")
+            .or_insert_with(|| SPEC_VERSION.into());
+        self.0.entry("time").or_insert_with(|| now_rfc3339().into());
+        self.0
+            .entry("source")
+            .or_insert_with(|| format!("urn:com.virtufin.workmanager:worker:{worker}").into());
+    }
+}
+
+fn is_valid(map: &Map<String, Value>) -> bool {
+    ["id", "source", "type", "specversion"].iter().all(|k| {
+        map.get(*k)
+            .and_then(Value::as_str)
+            .is_some_and(|s| !s.is_empty())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn ev(v: Value) -> CloudEvent {
+        CloudEvent::from_input(v)
+    }
+
+    #[test]
+    fn non_cloudevents_are_wrapped_not_dropped() {
+        let e = ev(json!({"price": 3}));
+        assert_eq!(e.get_str("type"), Some(UNKNOWN_TYPE));
+        assert_eq!(e.get_str("source"), Some(UNKNOWN_SOURCE));
+        assert_eq!(e.0["data"], json!({"price": 3}));
+        let e = ev(json!([1, 2]));
+        assert_eq!(e.0["data"], json!([1, 2]));
+    }
+
+    #[test]
+    fn valid_events_pass_unchanged() {
+        let v = json!({"specversion":"1.0","id":"1","source":"s","type":"t","data":{"a":1}});
+        assert_eq!(ev(v.clone()).0, v.as_object().unwrap().clone());
+    }
+
+    #[test]
+    fn stamping_keeps_the_events_own_attributes() {
+        let mut e = ev(json!({"specversion":"1.0","id":"1","source":"s","type":"t","region":"eu"}));
+        let cfg = [
+            ("region".to_string(), "us".to_string()),
+            ("desk".to_string(), "fx".to_string()),
+        ]
+        .into_iter()
+        .collect();
+        e.stamp(&cfg);
+        assert_eq!(e.get_str("region"), Some("eu"));
+        assert_eq!(e.get_str("desk"), Some("fx"));
+    }
+
+    #[test]
+    fn output_is_completed_and_inherits_correlation() {
+        let input =
+            ev(json!({"specversion":"1.0","id":"1","source":"s","type":"t","correlationid":"c-1"}));
+        let id = WorkerId::new();
+        let mut out = CloudEvent(json!({"type":"done","data":1}).as_object().unwrap().clone());
+        out.complete_output(&input, &id);
+        assert_eq!(out.get_str("correlationid"), Some("c-1"));
+        assert_eq!(out.get_str("specversion"), Some("1.0"));
+        assert_eq!(
+            out.get_str("source"),
+            Some(format!("urn:com.virtufin.workmanager:worker:{id}").as_str())
+        );
+        assert!(out.get_str("id").is_some() && out.get_str("time").is_some());
+
+        let mut own = CloudEvent(
+            json!({"type":"done","correlationid":"mine"})
+                .as_object()
+                .unwrap()
+                .clone(),
+        );
+        own.complete_output(&input, &id);
+        assert_eq!(own.get_str("correlationid"), Some("mine"));
+    }
+}

@@ -1,0 +1,28 @@
+//! WorkManager core: the worker model, the traits every backend and engine
+//! implements, the lifecycle service (`Manager`) and recovery.
+//!
+//! Invariant: this crate does no I/O of its own. Sockets, files and child
+//! processes live behind the `StateStore`, `Engine` and `CodeFetcher` traits,
+//! implemented in other crates and chosen by the binary from configuration.
+
+pub mod audit;
+pub mod engine;
+pub mod error;
+pub mod event;
+pub mod fetch;
+pub mod manager;
+pub mod metrics;
+pub mod model;
+mod recovery;
+pub mod store;
+
+pub use audit::RequestContext;
+pub use engine::{Engine, EngineError, EngineInfo, EngineRegistry, LoadSpec, LoadedWorker};
+pub use error::CoreError;
+pub use event::CloudEvent;
+pub use fetch::{CodeFetcher, DisabledFetcher};
+pub use manager::{CreateWorker, Manager, ManagerSettings};
+pub use metrics::Metrics;
+pub use model::{CodeInput, WorkerId, WorkerRecord, WorkerStatus};
+pub use recovery::RecoverySettings;
+pub use store::{Precondition, StateStore, StoreError, Versioned, WriteOp};

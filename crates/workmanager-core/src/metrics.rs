@@ -1,0 +1,132 @@
+//! Prometheus metrics. One `Metrics` per service, shared by the core, the
+//! engines and the api layer; `/metrics` renders it in the text format.
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabels {
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InvocationLabels {
+    pub engine: String,
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EngineLabels {
+    pub engine: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabels {
+    pub op: String,
+}
+
+fn latency_histogram() -> Histogram {
+    // 50 µs .. ~26 s
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 20))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    /// Workers by status; refreshed by the manager just before rendering.
+    pub workers: Family<StatusLabels, Gauge>,
+    pub invocations: Family<InvocationLabels, Counter>,
+    pub invocation_seconds: Family<EngineLabels, Histogram, fn() -> Histogram>,
+    pub engine_restarts: Family<EngineLabels, Counter>,
+    pub store_seconds: Family<OpLabels, Histogram, fn() -> Histogram>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("workmanager");
+        let workers = Family::<StatusLabels, Gauge>::default();
+        registry.register("workers", "Workers by status", workers.clone());
+        let invocations = Family::<InvocationLabels, Counter>::default();
+        registry.register(
+            "invocations",
+            "Events run through workers, by engine and outcome",
+            invocations.clone(),
+        );
+        let invocation_seconds =
+            Family::<EngineLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_histogram,
+            );
+        registry.register(
+            "invocation_duration_seconds",
+            "Time to run one event through a worker's engine",
+            invocation_seconds.clone(),
+        );
+        let engine_restarts = Family::<EngineLabels, Counter>::default();
+        registry.register(
+            "engine_restarts",
+            "Worker processes restarted after a crash, timeout or missed ping",
+            engine_restarts.clone(),
+        );
+        let store_seconds = Family::<OpLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            latency_histogram,
+        );
+        registry.register(
+            "store_operation_duration_seconds",
+            "State store call latency by operation",
+            store_seconds.clone(),
+        );
+        Self {
+            registry,
+            workers,
+            invocations,
+            invocation_seconds,
+            engine_restarts,
+            store_seconds,
+        }
+    }
+
+    pub fn record_invocation(&self, engine: &str, outcome: &str, seconds: f64) {
+        self.invocations
+            .get_or_create(&InvocationLabels {
+                engine: engine.into(),
+                outcome: outcome.into(),
+            })
+            .inc();
+        self.invocation_seconds
+            .get_or_create(&EngineLabels {
+                engine: engine.into(),
+            })
+            .observe(seconds);
+    }
+
+    pub fn record_restart(&self, engine: &str) {
+        self.engine_restarts
+            .get_or_create(&EngineLabels {
+                engine: engine.into(),
+            })
+            .inc();
+    }
+
+    pub fn record_store(&self, op: &str, seconds: f64) {
+        self.store_seconds
+            .get_or_create(&OpLabels { op: op.into() })
+            .observe(seconds);
+    }
+
+    /// Renders the Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
