@@ -1,1 +1,14 @@
+//! The Python engine (`text/x-python`). Each worker gets one persistent
+//! child process per concurrency slot, started at load and kept for the
+//! worker's lifetime. See `bootstrap.py` for the child side of the protocol
+//! and `child.rs` for the host side.
 
+mod child;
+mod config;
+mod engine;
+
+pub use config::{resolve_interpreter, PythonConfig};
+pub use engine::PythonEngine;
+
+/// The MIME type this engine serves.
+pub const MIME_TYPE: &str = "text/x-python";

@@ -1,0 +1,125 @@
+# WorkManager Python worker bootstrap.
+#
+# Runs as `python3 -E -s -c <this file>`. The worker's code arrives over stdin
+# in a "load" message and is compiled in memory: nothing is written to disk.
+# Host and child exchange one JSON object per line: host -> child "load",
+# "process", "ping", "shutdown"; child -> host "ready", "result", "error",
+# "pong". The protocol uses private duplicates of fds 0 and 1; the user's
+# stdin is /dev/null and the user's stdout is stderr, so print() cannot
+# corrupt the channel.
+import builtins
+import json
+import os
+import sys
+import traceback
+
+
+def _setup_channel():
+    proto_in = os.fdopen(os.dup(0), "rb", buffering=0)
+    proto_out = os.fdopen(os.dup(1), "wb", buffering=0)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    os.dup2(2, 1)
+    sys.stdin = open(os.devnull, "r")
+    sys.stdout = sys.stderr
+    sys.__stdout__ = sys.stderr
+    sys.__stdin__ = sys.stdin
+    return proto_in, proto_out
+
+
+_IN, _OUT = _setup_channel()
+_dumps = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+
+
+def _send_raw(text):
+    _OUT.write(text.encode("utf-8") + b"\n")
+
+
+def _send(obj):
+    _send_raw(_dumps(obj))
+
+
+def _error(msg_id, exc, skip_frames=1):
+    tb = exc.__traceback__
+    for _ in range(skip_frames):
+        if tb is not None:
+            tb = tb.tb_next
+    if isinstance(exc, SyntaxError):
+        text = "".join(traceback.format_exception_only(type(exc), exc))
+    else:
+        text = "".join(traceback.format_exception(type(exc), exc, tb))
+    return {
+        "op": "error",
+        "id": msg_id,
+        "error_type": type(exc).__name__,
+        "message": str(exc),
+        "traceback": text,
+    }
+
+
+def _load(code):
+    namespace = {"__name__": "__worker__", "__builtins__": builtins}
+    try:
+        exec(compile(code, "<worker>", "exec"), namespace)
+    except BaseException as exc:  # SystemExit at import time is a load error too
+        return None, _error(None, exc)
+    process = namespace.get("Process")
+    if not callable(process):
+        return None, {
+            "op": "error",
+            "id": None,
+            "error_type": "LoadError",
+            "message": "the code does not define a top-level function Process(event)",
+            "traceback": "",
+        }
+    return process, None
+
+
+def _kind(value):
+    return {list: "a list", str: "a string", int: "an int", float: "a float", bool: "a bool",
+            tuple: "a tuple"}.get(type(value), type(value).__name__)
+
+
+def main():
+    process = None
+    readline = _IN.readline
+    while True:
+        line = readline()
+        if not line:
+            return
+        msg = json.loads(line)
+        op = msg.get("op")
+        if op == "process":
+            msg_id = msg.get("id")
+            if process is None:
+                _send({"op": "error", "id": msg_id, "error_type": "LoadError",
+                       "message": "no code loaded", "traceback": ""})
+                continue
+            try:
+                result = process(msg.get("event"))
+            except Exception as exc:
+                _send(_error(msg_id, exc))
+                continue
+            if result is not None and not isinstance(result, dict):
+                _send({"op": "error", "id": msg_id, "error_type": "BadResult",
+                       "message": "Process must return a dict or None, not %s" % _kind(result),
+                       "traceback": ""})
+                continue
+            try:
+                text = _dumps({"op": "result", "id": msg_id, "event": result})
+            except (TypeError, ValueError) as exc:
+                _send({"op": "error", "id": msg_id, "error_type": "BadResult",
+                       "message": "the result is not JSON-serialisable: %s" % exc, "traceback": ""})
+                continue
+            _send_raw(text)
+        elif op == "ping":
+            _send({"op": "pong"})
+        elif op == "load":
+            process, err = _load(msg.get("code", ""))
+            _send(err if err is not None else {"op": "ready"})
+        elif op == "shutdown":
+            return
+
+
+main()

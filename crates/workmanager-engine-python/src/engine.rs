@@ -1,0 +1,356 @@
+//! The `text/x-python` engine and the supervisor of one worker's children:
+//! per-message timeout, health pings, restart with backoff on the next
+//! message, and crash-loop detection that makes the worker FAILED.
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use serde_json::Value;
+use workmanager_core::{
+    CloudEvent, Engine, EngineError, EngineInfo, LoadSpec, LoadedWorker, Metrics,
+};
+
+use crate::child::{CallError, ChildProc, Wire};
+use crate::config::PythonConfig;
+use crate::MIME_TYPE;
+
+/// Answers to pings must come within this time (or the ping interval, if shorter).
+const PING_TIMEOUT: Duration = Duration::from_secs(5);
+/// Restart backoff: base · 2^(crashes-1), capped.
+const BACKOFF_BASE: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// How long a child gets to exit after `shutdown` before it is killed.
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
+
+pub struct PythonEngine {
+    cfg: Arc<PythonConfig>,
+    metrics: Arc<Metrics>,
+}
+
+impl PythonEngine {
+    pub fn new(cfg: PythonConfig, metrics: Arc<Metrics>) -> Self {
+        Self {
+            cfg: Arc::new(cfg),
+            metrics,
+        }
+    }
+}
+
+#[async_trait]
+impl Engine for PythonEngine {
+    fn info(&self) -> EngineInfo {
+        EngineInfo {
+            mime_type: MIME_TYPE.into(),
+            language: "Python".into(),
+            isolation: "process".into(),
+        }
+    }
+
+    async fn load(&self, spec: LoadSpec) -> Result<Arc<dyn LoadedWorker>, EngineError> {
+        let code = std::str::from_utf8(&spec.code)
+            .map_err(|e| EngineError::Load(format!("the code is not valid UTF-8: {e}")))?;
+        let mut load_line = serde_json::to_vec(&serde_json::json!({"op": "load", "code": code}))
+            .map_err(|e| EngineError::Internal(e.to_string()))?;
+        load_line.push(b'\n');
+        let shared = Arc::new(Shared {
+            cfg: self.cfg.clone(),
+            metrics: self.metrics.clone(),
+            worker_id: spec.worker_id.to_string(),
+            load_line,
+            slots: (0..spec.max_concurrency.max(1))
+                .map(|_| tokio::sync::Mutex::new(Slot::default()))
+                .collect(),
+            next_slot: AtomicUsize::new(0),
+            crashes: Mutex::new(VecDeque::new()),
+            failed: Mutex::new(None),
+        });
+        // Start every child now: the first load error is the create's error.
+        let children =
+            futures::future::join_all(shared.slots.iter().map(|_| shared.start_child())).await;
+        for (slot, child) in shared.slots.iter().zip(children) {
+            slot.lock().await.child = Some(child?);
+        }
+        tokio::spawn(ping_loop(Arc::downgrade(&shared)));
+        Ok(Arc::new(PythonWorker { shared }))
+    }
+}
+
+#[derive(Default)]
+struct Slot {
+    child: Option<ChildProc>,
+    /// Crashes since the last successful message: drives the restart backoff.
+    consecutive_crashes: u32,
+}
+
+struct Shared {
+    cfg: Arc<PythonConfig>,
+    metrics: Arc<Metrics>,
+    worker_id: String,
+    /// The `load` message, serialised once.
+    load_line: Vec<u8>,
+    /// One child per concurrency slot.
+    slots: Vec<tokio::sync::Mutex<Slot>>,
+    next_slot: AtomicUsize,
+    /// Recent crash times, for crash-loop detection.
+    crashes: Mutex<VecDeque<Instant>>,
+    /// Set when the engine gives up on this worker.
+    failed: Mutex<Option<String>>,
+}
+
+impl Shared {
+    /// Spawns a child and loads the code into it.
+    async fn start_child(&self) -> Result<ChildProc, EngineError> {
+        let mut child =
+            ChildProc::spawn(&self.cfg, &self.worker_id).map_err(EngineError::Internal)?;
+        match child
+            .request(
+                &self.load_line,
+                self.cfg.execution_timeout,
+                self.cfg.max_result_bytes,
+            )
+            .await
+        {
+            Ok(Wire::Ready) => Ok(child),
+            Ok(Wire::Error {
+                error_type,
+                message,
+                traceback,
+            }) => Err(EngineError::Load(describe_load_error(
+                &error_type,
+                &message,
+                &traceback,
+            ))),
+            Ok(other) => Err(EngineError::Internal(format!(
+                "unexpected answer to load: {other:?}"
+            ))),
+            Err(CallError::Timeout) => Err(EngineError::Load(format!(
+                "loading the code took longer than {}s (Python:ExecutionTimeoutSeconds)",
+                self.cfg.execution_timeout.as_secs_f64()
+            ))),
+            Err(_) => {
+                let status = child.exit_description().await;
+                Err(EngineError::Load(format!(
+                    "the Python process exited ({status}) while loading the code"
+                )))
+            }
+        }
+    }
+
+    /// Records a crash; returns the FAILED reason when this makes a crash loop.
+    fn note_crash(&self, what: &str) -> Option<String> {
+        let now = Instant::now();
+        let mut crashes = self.crashes.lock().unwrap_or_else(|p| p.into_inner());
+        crashes.push_back(now);
+        while crashes
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > self.cfg.crash_window)
+        {
+            crashes.pop_front();
+        }
+        if crashes.len() >= self.cfg.crash_loop_threshold {
+            let reason = format!(
+                "the Python process crashed {} times within {}s (last: {what})",
+                crashes.len(),
+                self.cfg.crash_window.as_secs()
+            );
+            *self.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.clone());
+            return Some(reason);
+        }
+        None
+    }
+
+    fn failed(&self) -> Option<String> {
+        self.failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    async fn pick_slot(&self) -> tokio::sync::MutexGuard<'_, Slot> {
+        if self.slots.len() > 1 {
+            for s in &self.slots {
+                if let Ok(g) = s.try_lock() {
+                    return g;
+                }
+            }
+        }
+        let i = self.next_slot.fetch_add(1, Ordering::Relaxed) % self.slots.len();
+        self.slots[i].lock().await
+    }
+
+    async fn process(&self, event: &CloudEvent) -> Result<Option<Value>, EngineError> {
+        if let Some(reason) = self.failed() {
+            return Err(EngineError::Failed(reason));
+        }
+        let mut slot = self.pick_slot().await;
+        if slot.child.is_none() {
+            if slot.consecutive_crashes > 0 {
+                let exp = slot.consecutive_crashes.saturating_sub(1).min(16);
+                tokio::time::sleep((BACKOFF_BASE * 2u32.pow(exp)).min(BACKOFF_MAX)).await;
+            }
+            self.metrics.record_restart(MIME_TYPE);
+            match self.start_child().await {
+                Ok(c) => slot.child = Some(c),
+                Err(e) => {
+                    slot.consecutive_crashes += 1;
+                    if let Some(reason) = self.note_crash(&e.to_string()) {
+                        return Err(EngineError::Failed(reason));
+                    }
+                    return Err(EngineError::Crashed(format!(
+                        "the Python process could not restart: {e}"
+                    )));
+                }
+            }
+        }
+        let Some(child) = slot.child.as_mut() else {
+            return Err(EngineError::Internal("no Python process".into()));
+        };
+        let id = child.next_id();
+        let line = process_line(id, event).map_err(|e| EngineError::Internal(e.to_string()))?;
+        let timeout = self.cfg.execution_timeout;
+        match child
+            .request(&line, timeout, self.cfg.max_result_bytes)
+            .await
+        {
+            Ok(Wire::Result { event }) => {
+                slot.consecutive_crashes = 0;
+                Ok(event)
+            }
+            Ok(Wire::Error {
+                error_type,
+                message,
+                traceback,
+            }) => {
+                slot.consecutive_crashes = 0;
+                if error_type == "BadResult" {
+                    Err(EngineError::BadOutput(message))
+                } else {
+                    Err(EngineError::Processing {
+                        error_type,
+                        message,
+                        traceback,
+                    })
+                }
+            }
+            Ok(other) => {
+                slot.child = None;
+                Err(EngineError::Internal(format!(
+                    "unexpected answer to process: {other:?}"
+                )))
+            }
+            Err(CallError::Timeout) => {
+                tracing::warn!(worker_id = %self.worker_id, "message timed out; killing the Python process");
+                slot.child = None; // dropping kills the process group
+                Err(EngineError::Timeout(timeout))
+            }
+            Err(CallError::TooLarge) => {
+                slot.child = None;
+                Err(EngineError::BadOutput(format!(
+                    "the result is larger than {} bytes; return less data",
+                    self.cfg.max_result_bytes
+                )))
+            }
+            Err(CallError::Protocol(e)) => {
+                slot.child = None;
+                Err(EngineError::Internal(format!(
+                    "the Python process broke the protocol: {e}"
+                )))
+            }
+            Err(CallError::Gone) => {
+                let status = match slot.child.as_mut() {
+                    Some(c) => c.exit_description().await,
+                    None => "unknown status".into(),
+                };
+                slot.child = None;
+                slot.consecutive_crashes += 1;
+                tracing::warn!(worker_id = %self.worker_id, %status, "Python process died while processing");
+                let what = format!("exited ({status}) while processing an event");
+                if let Some(reason) = self.note_crash(&what) {
+                    return Err(EngineError::Failed(reason));
+                }
+                Err(EngineError::Crashed(format!(
+                    "the worker's Python process {what}; it restarts on the next message"
+                )))
+            }
+        }
+    }
+}
+
+/// `{"op":"process","id":N,"event":{...}}\n`, built without an intermediate value.
+fn process_line(id: u64, event: &CloudEvent) -> Result<Vec<u8>, serde_json::Error> {
+    let mut line = Vec::with_capacity(256);
+    line.extend_from_slice(b"{\"op\":\"process\",\"id\":");
+    line.extend_from_slice(id.to_string().as_bytes());
+    line.extend_from_slice(b",\"event\":");
+    serde_json::to_writer(&mut line, &event.0)?;
+    line.extend_from_slice(b"}\n");
+    Ok(line)
+}
+
+/// The user-facing text of a load error: the traceback's last lines (which
+/// end with "Type: message"), or the type and message.
+fn describe_load_error(error_type: &str, message: &str, traceback: &str) -> String {
+    let lines: Vec<&str> = traceback.trim_end().lines().collect();
+    if lines.is_empty() {
+        return format!("{error_type}: {message}");
+    }
+    lines[lines.len().saturating_sub(6)..].join("\n")
+}
+
+/// Pings idle children; one that does not answer is killed and restarts on
+/// the next message. Ends when the worker is disposed.
+async fn ping_loop(shared: Weak<Shared>) {
+    let interval = match shared.upgrade() {
+        Some(s) => s.cfg.ping_interval,
+        None => return,
+    };
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    loop {
+        tick.tick().await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        for slot in &shared.slots {
+            // A busy slot is being supervised by its message's timeout.
+            let Ok(mut slot) = slot.try_lock() else {
+                continue;
+            };
+            let Some(child) = slot.child.as_mut() else {
+                continue;
+            };
+            let timeout = PING_TIMEOUT.min(interval);
+            match child.request(b"{\"op\":\"ping\"}\n", timeout, 1024).await {
+                Ok(Wire::Pong) => {}
+                other => {
+                    tracing::warn!(worker_id = %shared.worker_id, answer = ?other.err(), "Python process missed a ping; killing it");
+                    slot.child = None;
+                    slot.consecutive_crashes += 1;
+                    shared.note_crash("missed a health ping");
+                }
+            }
+        }
+    }
+}
+
+/// One loaded worker. Dropping the last reference kills its children.
+struct PythonWorker {
+    shared: Arc<Shared>,
+}
+
+#[async_trait]
+impl LoadedWorker for PythonWorker {
+    async fn process(&self, event: &CloudEvent) -> Result<Option<Value>, EngineError> {
+        self.shared.process(event).await
+    }
+
+    async fn shutdown(&self) {
+        for slot in &self.shared.slots {
+            let child = slot.lock().await.child.take();
+            if let Some(child) = child {
+                child.shutdown(SHUTDOWN_GRACE).await;
+            }
+        }
+    }
+}

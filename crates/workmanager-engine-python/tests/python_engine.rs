@@ -1,0 +1,209 @@
+//! The Python engine against a real interpreter: loading, the Process
+//! contract, errors, timeouts, crashes, restarts and crash loops.
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use workmanager_core::{
+    CloudEvent, Engine, EngineError, LoadSpec, LoadedWorker, Metrics, WorkerId,
+};
+use workmanager_engine_python::{resolve_interpreter, PythonConfig, PythonEngine};
+
+async fn engine_with(f: impl FnOnce(&mut PythonConfig)) -> PythonEngine {
+    let (exe, _) = resolve_interpreter("python3")
+        .await
+        .expect("python3 must be installed for these tests");
+    let mut cfg = PythonConfig::new(exe);
+    f(&mut cfg);
+    PythonEngine::new(cfg, Arc::new(Metrics::new()))
+}
+
+async fn load(engine: &PythonEngine, code: &str) -> Result<Arc<dyn LoadedWorker>, EngineError> {
+    engine
+        .load(LoadSpec {
+            worker_id: WorkerId::new(),
+            code: code.as_bytes().into(),
+            max_concurrency: 1,
+        })
+        .await
+}
+
+fn event(data: Value) -> CloudEvent {
+    CloudEvent::from_input(
+        json!({"specversion":"1.0","id":"e1","source":"test","type":"t","data":data}),
+    )
+}
+
+#[tokio::test]
+async fn process_sees_the_event_and_globals_persist() {
+    let e = engine_with(|_| {}).await;
+    let w = load(
+        &e,
+        "count = 0\ndef Process(event):\n    global count\n    count += 1\n    print('hello from the worker')\n    \
+         return {'type': 'out', 'data': {'n': count, 'x': event['data']['x'] * 2, 'src': event['source']}}\n",
+    )
+    .await
+    .unwrap();
+    for i in 1..=50 {
+        let out = w.process(&event(json!({"x": i}))).await.unwrap().unwrap();
+        assert_eq!(out["data"], json!({"n": i, "x": i * 2, "src": "test"}));
+    }
+}
+
+#[tokio::test]
+async fn none_means_no_output() {
+    let e = engine_with(|_| {}).await;
+    let w = load(&e, "def Process(event):\n    return None\n")
+        .await
+        .unwrap();
+    assert_eq!(w.process(&event(json!(1))).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn load_errors_carry_the_python_error() {
+    let e = engine_with(|_| {}).await;
+    let err = load(&e, "def Process(event)\n    return 1\n")
+        .await
+        .err()
+        .unwrap();
+    let EngineError::Load(msg) = err else {
+        panic!("{err:?}")
+    };
+    assert!(msg.contains("SyntaxError"), "{msg}");
+    assert!(msg.contains("line 1"), "{msg}");
+
+    let err = load(&e, "def process(event):\n    return None\n")
+        .await
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("Process(event)"), "{err}");
+
+    let err = load(&e, "x = 1 / 0\ndef Process(e): pass\n")
+        .await
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("ZeroDivisionError"), "{err}");
+}
+
+#[tokio::test]
+async fn exceptions_and_bad_results_are_errors_and_the_child_survives() {
+    let e = engine_with(|_| {}).await;
+    let w = load(
+        &e,
+        "def Process(event):\n    k = event['data']\n    if k == 'raise': raise ValueError('bad price')\n    \
+         if k == 'list': return [1]\n    if k == 'set': return {'type': 't', 'data': {1, 2}}\n    \
+         return {'type': 'ok', 'data': k}\n",
+    )
+    .await
+    .unwrap();
+    match w.process(&event(json!("raise"))).await {
+        Err(EngineError::Processing {
+            error_type,
+            message,
+            traceback,
+        }) => {
+            assert_eq!(error_type, "ValueError");
+            assert_eq!(message, "bad price");
+            assert!(traceback.contains("<worker>"), "{traceback}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let err = w.process(&event(json!("list"))).await.unwrap_err();
+    assert!(
+        matches!(&err, EngineError::BadOutput(m) if m.contains("a list")),
+        "{err:?}"
+    );
+    let err = w.process(&event(json!("set"))).await.unwrap_err();
+    assert!(
+        matches!(&err, EngineError::BadOutput(m) if m.contains("JSON")),
+        "{err:?}"
+    );
+    let out = w.process(&event(json!("fine"))).await.unwrap().unwrap();
+    assert_eq!(out["data"], json!("fine"));
+}
+
+#[tokio::test]
+async fn a_timeout_kills_the_child_and_the_next_message_restarts_it() {
+    let e = engine_with(|c| c.execution_timeout = Duration::from_millis(700)).await;
+    let w = load(
+        &e,
+        "calls = 0\ndef Process(event):\n    global calls\n    calls += 1\n    \
+         if event['data'] == 'spin':\n        while True: pass\n    return {'type': 't', 'data': calls}\n",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        w.process(&event(json!("a"))).await.unwrap().unwrap()["data"],
+        json!(1)
+    );
+    assert!(matches!(
+        w.process(&event(json!("spin"))).await,
+        Err(EngineError::Timeout(_))
+    ));
+    // A fresh process: module globals start again.
+    assert_eq!(
+        w.process(&event(json!("b"))).await.unwrap().unwrap()["data"],
+        json!(1)
+    );
+}
+
+#[tokio::test]
+async fn a_crash_restarts_and_a_crash_loop_fails_the_worker() {
+    let e = engine_with(|c| c.crash_loop_threshold = 3).await;
+    let w = load(&e, "def Process(event):\n    if event['data'] == 'exit': raise SystemExit(3)\n    return {'type': 't', 'data': 'ok'}\n")
+        .await
+        .unwrap();
+    let err = w.process(&event(json!("exit"))).await.unwrap_err();
+    assert!(
+        matches!(&err, EngineError::Crashed(m) if m.contains("exit")),
+        "{err:?}"
+    );
+    assert_eq!(
+        w.process(&event(json!("x"))).await.unwrap().unwrap()["data"],
+        json!("ok")
+    );
+    let _ = w.process(&event(json!("exit"))).await;
+    let err = w.process(&event(json!("exit"))).await.unwrap_err();
+    assert!(matches!(err, EngineError::Failed(_)), "{err:?}");
+    assert!(matches!(
+        w.process(&event(json!("x"))).await,
+        Err(EngineError::Failed(_))
+    ));
+}
+
+#[tokio::test]
+async fn print_does_not_corrupt_the_channel() {
+    let e = engine_with(|_| {}).await;
+    let w = load(
+        &e,
+        "import sys\ndef Process(event):\n    print('{\"op\":\"result\",\"id\":999,\"event\":null}')\n    \
+         sys.stdout.write('noise\\n')\n    sys.__stdout__.write('more noise\\n')\n    return {'type': 't', 'data': 1}\n",
+    )
+    .await
+    .unwrap();
+    for _ in 0..5 {
+        assert_eq!(
+            w.process(&event(json!(0))).await.unwrap().unwrap()["data"],
+            json!(1)
+        );
+    }
+}
+
+#[tokio::test]
+async fn oversized_results_are_refused() {
+    let e = engine_with(|c| c.max_result_bytes = 10_000).await;
+    let w = load(
+        &e,
+        "def Process(event):\n    return {'type': 't', 'data': 'x' * event['data']}\n",
+    )
+    .await
+    .unwrap();
+    assert!(matches!(
+        w.process(&event(json!(20_000))).await,
+        Err(EngineError::BadOutput(_))
+    ));
+    assert_eq!(
+        w.process(&event(json!(3))).await.unwrap().unwrap()["data"],
+        json!("xxx")
+    );
+}
