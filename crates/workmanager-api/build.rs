@@ -21,6 +21,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        .btree_map(".")
         .compile_well_known_types(true)
         .extern_path(".google.protobuf", "::pbjson_types")
         .compile_fds(fds)?;
@@ -28,6 +29,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let descriptors = std::fs::read(&descriptor_path)?;
     pbjson_build::Builder::new()
         .register_descriptors(&descriptors)?
+        .btree_map(["."])
+        .emit_fields()
         .build(&[".virtufin", ".io.cloudevents.v1"])?;
     Ok(())
 }

@@ -1,4 +1,23 @@
+//! The WorkManager's edges: the gRPC service (`virtufin.WorkManager` plus
+//! health and reflection), the HTTP router (health, metrics, the `/v1` REST
+//! mirror, OpenAPI) and the CLI's client. Both servers are thin translations
+//! into `workmanager_core::Manager` calls; errors are mapped to gRPC and HTTP
+//! codes in one place (`error.rs`).
+//!
+//! Invariant: no lifecycle logic lives here; REST handlers call the same
+//! gRPC service methods, so the two APIs cannot drift apart.
+
+pub mod convert;
+pub mod correlation;
+pub mod error;
+pub mod grpc;
+pub mod http;
+mod openapi;
+pub mod server;
+
+/// Generated protobuf, tonic and proto3-JSON code for the wire contract.
 pub mod pb {
+    #![allow(clippy::all, missing_docs)]
     pub mod io {
         pub mod cloudevents {
             pub mod v1 {
@@ -12,6 +31,7 @@ pub mod pb {
         include!(concat!(env!("OUT_DIR"), "/virtufin.serde.rs"));
     }
     pub use virtufin::*;
-    pub const DESCRIPTOR_SET: &[u8] =
-        include_bytes!(concat!(env!("OUT_DIR"), "/workmanager_descriptor.bin"));
+
+    /// The encoded descriptor set of the contract (with imports), for reflection.
+    pub const DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/workmanager_descriptor.bin"));
 }

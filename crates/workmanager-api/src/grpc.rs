@@ -1,0 +1,261 @@
+//! `virtufin.WorkManager` over gRPC: each RPC validates its wire input,
+//! calls the core `Manager`, and maps the result back. The REST mirror calls
+//! these same methods.
+use std::pin::Pin;
+
+use futures::Stream;
+use tonic::{Request, Response, Status};
+use workmanager_core::{CodeInput, Manager, RequestContext};
+
+use crate::convert::{code_input, engine_info, event_from_proto, event_to_proto, history_entry, worker_info};
+use crate::correlation::CorrelationId;
+use crate::error::status;
+use crate::pb;
+use crate::pb::work_manager_server::WorkManager;
+
+#[derive(Clone)]
+pub struct WorkManagerService {
+    manager: Manager,
+}
+
+impl WorkManagerService {
+    pub fn new(manager: Manager) -> Self {
+        Self { manager }
+    }
+
+    pub fn manager(&self) -> &Manager {
+        &self.manager
+    }
+}
+
+/// The request context (correlation id; caller once authentication exists).
+pub fn context<T>(req: &Request<T>) -> RequestContext {
+    match req.extensions().get::<CorrelationId>() {
+        Some(c) => RequestContext::new(c.0.clone()),
+        None => RequestContext::new(uuid::Uuid::new_v4().to_string()),
+    }
+}
+
+type EventStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl WorkManager for WorkManagerService {
+    async fn create_worker(
+        &self,
+        req: Request<pb::CreateWorkerRequest>,
+    ) -> Result<Response<pb::CreateWorkerResponse>, Status> {
+        let ctx = context(&req);
+        let r = req.into_inner();
+        let code = code_input(r.code_source)?;
+        let created = self
+            .manager
+            .create(
+                &ctx,
+                workmanager_core::CreateWorker {
+                    code,
+                    mime_type: r.mime_type,
+                    topics: r.topics,
+                    config: r.config,
+                    tags: r.tags,
+                    start: r.start,
+                    max_concurrency: r.max_concurrency,
+                },
+            )
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::CreateWorkerResponse { id: created.record.id.to_string() }))
+    }
+
+    async fn start_worker(
+        &self,
+        req: Request<pb::StartWorkerRequest>,
+    ) -> Result<Response<pb::StartWorkerResponse>, Status> {
+        let ctx = context(&req);
+        let s = self.manager.start(&ctx, &req.get_ref().id).await.map_err(status)?;
+        Ok(Response::new(pb::StartWorkerResponse { worker: Some(worker_info(&s)) }))
+    }
+
+    async fn stop_worker(
+        &self,
+        req: Request<pb::StopWorkerRequest>,
+    ) -> Result<Response<pb::StopWorkerResponse>, Status> {
+        let ctx = context(&req);
+        let s = self.manager.stop(&ctx, &req.get_ref().id).await.map_err(status)?;
+        Ok(Response::new(pb::StopWorkerResponse { worker: Some(worker_info(&s)) }))
+    }
+
+    async fn load_code(
+        &self,
+        req: Request<pb::LoadCodeRequest>,
+    ) -> Result<Response<pb::LoadCodeResponse>, Status> {
+        let ctx = context(&req);
+        let r = req.into_inner();
+        let code = code_input(r.code_source)?;
+        self.load(&ctx, "LoadCode", &r.id, code).await
+    }
+
+    async fn load_code_from_content(
+        &self,
+        req: Request<pb::LoadCodeFromContentRequest>,
+    ) -> Result<Response<pb::LoadCodeResponse>, Status> {
+        let ctx = context(&req);
+        let r = req.into_inner();
+        self.load(&ctx, "LoadCodeFromContent", &r.id, CodeInput::Content(r.content)).await
+    }
+
+    async fn load_code_from_url(
+        &self,
+        req: Request<pb::LoadCodeFromUrlRequest>,
+    ) -> Result<Response<pb::LoadCodeResponse>, Status> {
+        let ctx = context(&req);
+        let r = req.into_inner();
+        let code = CodeInput::Url {
+            url: r.url,
+            content_sha256: Some(r.content_sha256).filter(|s| !s.is_empty()),
+            credential_name: None,
+            raw_credential: None,
+        };
+        self.load(&ctx, "LoadCodeFromUrl", &r.id, code).await
+    }
+
+    async fn delete_worker(
+        &self,
+        req: Request<pb::DeleteWorkerRequest>,
+    ) -> Result<Response<pb::DeleteWorkerResponse>, Status> {
+        let ctx = context(&req);
+        self.manager.delete(&ctx, &req.get_ref().id).await.map_err(status)?;
+        Ok(Response::new(pb::DeleteWorkerResponse {}))
+    }
+
+    async fn list_workers(
+        &self,
+        req: Request<pb::ListWorkersRequest>,
+    ) -> Result<Response<pb::ListWorkersResponse>, Status> {
+        let filters: Vec<(String, String)> =
+            req.into_inner().filters.into_iter().map(|f| (f.key, f.value)).collect();
+        let workers = self.manager.list(&filters).iter().map(worker_info).collect();
+        Ok(Response::new(pb::ListWorkersResponse { workers }))
+    }
+
+    async fn get_worker_history(
+        &self,
+        req: Request<pb::GetWorkerHistoryRequest>,
+    ) -> Result<Response<pb::GetWorkerHistoryResponse>, Status> {
+        let entries = self.manager.history(&req.get_ref().id).map_err(status)?;
+        Ok(Response::new(pb::GetWorkerHistoryResponse {
+            entries: entries.into_iter().map(history_entry).collect(),
+        }))
+    }
+
+    async fn recover_workers(
+        &self,
+        req: Request<pb::RecoverWorkersRequest>,
+    ) -> Result<Response<pb::RecoverWorkersResponse>, Status> {
+        let ctx = context(&req);
+        let n = self.manager.recover(&ctx).await.map_err(status)?;
+        Ok(Response::new(pb::RecoverWorkersResponse { recovered_count: i32::try_from(n).unwrap_or(i32::MAX) }))
+    }
+
+    async fn set_tag(&self, req: Request<pb::SetTagRequest>) -> Result<Response<pb::SetTagResponse>, Status> {
+        let ctx = context(&req);
+        let r = req.into_inner();
+        let tags = [(r.key, r.value)].into_iter().collect();
+        self.manager.set_tags(&ctx, "SetTag", &r.id, tags).await.map_err(status)?;
+        Ok(Response::new(pb::SetTagResponse {}))
+    }
+
+    async fn set_tags(&self, req: Request<pb::SetTagsRequest>) -> Result<Response<pb::SetTagsResponse>, Status> {
+        let ctx = context(&req);
+        let r = req.into_inner();
+        self.manager.set_tags(&ctx, "SetTags", &r.id, r.tags).await.map_err(status)?;
+        Ok(Response::new(pb::SetTagsResponse {}))
+    }
+
+    async fn get_tag(&self, req: Request<pb::GetTagRequest>) -> Result<Response<pb::GetTagResponse>, Status> {
+        let r = req.get_ref();
+        let value = self.manager.get_tag(&r.id, &r.key).map_err(status)?;
+        Ok(Response::new(pb::GetTagResponse { value }))
+    }
+
+    async fn get_tags(&self, req: Request<pb::GetTagsRequest>) -> Result<Response<pb::GetTagsResponse>, Status> {
+        let tags = self.manager.get_tags(&req.get_ref().id).map_err(status)?;
+        Ok(Response::new(pb::GetTagsResponse { tags }))
+    }
+
+    async fn get_worker(&self, req: Request<pb::GetWorkerRequest>) -> Result<Response<pb::WorkerInfo>, Status> {
+        let s = self.manager.get(&req.get_ref().id).map_err(status)?;
+        Ok(Response::new(worker_info(&s)))
+    }
+
+    async fn list_engines(
+        &self,
+        _req: Request<pb::ListEnginesRequest>,
+    ) -> Result<Response<pb::ListEnginesResponse>, Status> {
+        let engines = self.manager.engines().into_iter().map(engine_info).collect();
+        Ok(Response::new(pb::ListEnginesResponse { engines }))
+    }
+
+    async fn invoke_worker(
+        &self,
+        req: Request<pb::InvokeWorkerRequest>,
+    ) -> Result<Response<pb::InvokeWorkerResponse>, Status> {
+        let r = req.into_inner();
+        let event = r.event.ok_or_else(|| {
+            Status::invalid_argument("event is missing; send the CloudEvent to run through the worker")
+        })?;
+        let event = event_from_proto(event)?;
+        let out = self.invoke(&r.id, event, r.publish).await?;
+        Ok(Response::new(pb::InvokeWorkerResponse { event: out.as_ref().map(event_to_proto) }))
+    }
+
+    async fn publish(&self, _req: Request<pb::PublishRequest>) -> Result<Response<pb::PublishResponse>, Status> {
+        Err(no_bus())
+    }
+
+    type SubscribeStream = EventStream<pb::CloudEventMessage>;
+
+    async fn subscribe(&self, _req: Request<pb::SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
+        Err(no_bus())
+    }
+
+    type WatchWorkersStream = EventStream<pb::WorkerEvent>;
+
+    async fn watch_workers(
+        &self,
+        _req: Request<pb::WatchWorkersRequest>,
+    ) -> Result<Response<Self::WatchWorkersStream>, Status> {
+        Err(no_bus())
+    }
+}
+
+impl WorkManagerService {
+    async fn load(
+        &self,
+        ctx: &RequestContext,
+        operation: &str,
+        id: &str,
+        code: CodeInput,
+    ) -> Result<Response<pb::LoadCodeResponse>, Status> {
+        let s = self.manager.load_code(ctx, operation, id, code).await.map_err(status)?;
+        Ok(Response::new(pb::LoadCodeResponse { worker: Some(worker_info(&s)) }))
+    }
+
+    /// InvokeWorker for both APIs, on the JSON form of the event.
+    pub async fn invoke(
+        &self,
+        id: &str,
+        event: workmanager_core::CloudEvent,
+        publish: bool,
+    ) -> Result<Option<workmanager_core::CloudEvent>, Status> {
+        if publish {
+            return Err(no_bus());
+        }
+        self.manager.invoke(id, event).await.map_err(status)
+    }
+}
+
+fn no_bus() -> Status {
+    Status::unimplemented(
+        "topics and publishing are not part of this build yet; InvokeWorker with publish=false runs a worker directly",
+    )
+}

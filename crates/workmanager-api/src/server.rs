@@ -1,0 +1,96 @@
+//! Runs both ports: gRPC (WorkManager, health, reflection v1 and v1alpha)
+//! and HTTP (axum router), until the shutdown signal.
+use std::future::Future;
+use std::time::Duration;
+
+use axum::serve::ListenerExt;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::StreamExt;
+use tonic_health::ServingStatus;
+use workmanager_core::Manager;
+
+use crate::correlation::CorrelationLayer;
+use crate::grpc::WorkManagerService;
+use crate::pb;
+use crate::pb::work_manager_server::WorkManagerServer;
+
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Largest request accepted on either port (gRPC message or HTTP body).
+    pub max_message_bytes: usize,
+}
+
+pub const SERVICE_NAME: &str = "virtufin.WorkManager";
+
+/// Serves until `shutdown` completes, then stops accepting and lets running
+/// requests finish.
+pub async fn serve(
+    manager: Manager,
+    grpc: TcpListener,
+    http: TcpListener,
+    opts: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), String> {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let svc = WorkManagerService::new(manager.clone());
+
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_service_status("", ServingStatus::NotServing).await;
+    reporter.set_service_status(SERVICE_NAME, ServingStatus::NotServing).await;
+    let ready_manager = manager.clone();
+    tokio::spawn(async move {
+        while !ready_manager.is_ready() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        reporter.set_service_status("", ServingStatus::Serving).await;
+        reporter.set_service_status(SERVICE_NAME, ServingStatus::Serving).await;
+    });
+
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1().map_err(|e| format!("gRPC reflection: {e}"))?;
+    let reflection_v1alpha = reflection().build_v1alpha().map_err(|e| format!("gRPC reflection: {e}"))?;
+    let api = WorkManagerServer::new(svc.clone())
+        .max_decoding_message_size(opts.max_message_bytes)
+        .max_encoding_message_size(opts.max_message_bytes);
+
+    let incoming = TcpListenerStream::new(grpc).map(|s| {
+        if let Ok(s) = &s {
+            let _ = s.set_nodelay(true);
+        }
+        s
+    });
+    let mut grpc_stop = stop_rx.clone();
+    let grpc_server = tonic::transport::Server::builder()
+        .layer(CorrelationLayer)
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(api)
+        .serve_with_incoming_shutdown(incoming, async move {
+            let _ = grpc_stop.wait_for(|s| *s).await;
+        });
+
+    let router = crate::http::router(svc, opts.max_message_bytes);
+    let mut http_stop = stop_rx.clone();
+    let http_listener = http.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    let http_server = axum::serve(http_listener, router).with_graceful_shutdown(async move {
+        let _ = http_stop.wait_for(|s| *s).await;
+    });
+
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+
+    let (g, h) = tokio::join!(grpc_server, http_server);
+    g.map_err(|e| format!("gRPC server: {e}"))?;
+    h.map_err(|e| format!("HTTP server: {e}"))?;
+    Ok(())
+}
