@@ -39,7 +39,11 @@ pub fn status(s: WorkerStatus) -> pb::WorkerStatus {
 }
 
 pub fn engine_info(e: EngineInfo) -> pb::EngineInfo {
-    pb::EngineInfo { mime_type: e.mime_type, language: e.language, isolation: e.isolation }
+    pb::EngineInfo {
+        mime_type: e.mime_type,
+        language: e.language,
+        isolation: e.isolation,
+    }
 }
 
 pub fn history_entry(h: HistoryEntry) -> pb::HistoryEntry {
@@ -57,22 +61,33 @@ pub fn history_entry(h: HistoryEntry) -> pb::HistoryEntry {
 
 pub fn code_input(cs: Option<pb::CodeSource>) -> Result<CodeInput, Status> {
     let cs = cs.ok_or_else(|| {
-        Status::invalid_argument("code_source is missing; set code_source.content (the code) or code_source.url")
+        Status::invalid_argument(
+            "code_source is missing; set code_source.content (the code) or code_source.url",
+        )
     })?;
     let sha = Some(cs.content_sha256).filter(|s| !s.is_empty());
     let (credential_name, raw_credential) = match cs.credential.and_then(|c| c.scheme) {
         None => (None, None),
         Some(pb::source_credential::Scheme::Named(n)) => (Some(n), None),
-        Some(pb::source_credential::Scheme::Basic(b)) => {
-            (None, Some(RawCredential::Basic { username: b.username, token: b.token }))
+        Some(pb::source_credential::Scheme::Basic(b)) => (
+            None,
+            Some(RawCredential::Basic {
+                username: b.username,
+                token: b.token,
+            }),
+        ),
+        Some(pb::source_credential::Scheme::Bearer(b)) => {
+            (None, Some(RawCredential::Bearer { token: b.token }))
         }
-        Some(pb::source_credential::Scheme::Bearer(b)) => (None, Some(RawCredential::Bearer { token: b.token })),
     };
     match cs.source {
         Some(pb::code_source::Source::Content(bytes)) => Ok(CodeInput::Content(bytes)),
-        Some(pb::code_source::Source::Url(url)) => {
-            Ok(CodeInput::Url { url, content_sha256: sha, credential_name, raw_credential })
-        }
+        Some(pb::code_source::Source::Url(url)) => Ok(CodeInput::Url {
+            url,
+            content_sha256: sha,
+            credential_name,
+            raw_credential,
+        }),
         None => Err(Status::invalid_argument(
             "code_source has neither content nor url; set one of them",
         )),
@@ -83,7 +98,12 @@ fn is_json_content_type(ct: Option<&str>) -> bool {
     match ct {
         None => true,
         Some(ct) => {
-            let ct = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+            let ct = ct
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
             ct == "application/json" || ct == "text/json" || ct.ends_with("+json")
         }
     }
@@ -94,7 +114,12 @@ fn is_json_content_type(ct: Option<&str>) -> bool {
 /// `binary_data` becomes `data_base64`.
 pub fn event_from_proto(e: ce::CloudEvent) -> Result<CloudEvent, Status> {
     let mut m = Map::new();
-    for (k, v) in [("specversion", e.spec_version), ("id", e.id), ("source", e.source), ("type", e.r#type)] {
+    for (k, v) in [
+        ("specversion", e.spec_version),
+        ("id", e.id),
+        ("source", e.source),
+        ("type", e.r#type),
+    ] {
         if !v.is_empty() {
             m.insert(k.into(), Value::String(v));
         }
@@ -103,9 +128,15 @@ pub fn event_from_proto(e: ce::CloudEvent) -> Result<CloudEvent, Status> {
         let value = match v.attr {
             Some(Attr::CeBoolean(b)) => Value::Bool(b),
             Some(Attr::CeInteger(i)) => Value::from(i),
-            Some(Attr::CeString(s)) | Some(Attr::CeUri(s)) | Some(Attr::CeUriRef(s)) => Value::String(s),
-            Some(Attr::CeBytes(b)) => Value::String(base64::engine::general_purpose::STANDARD.encode(b)),
-            Some(Attr::CeTimestamp(ts)) => Value::String(timestamp_to_rfc3339(ts.seconds, ts.nanos)),
+            Some(Attr::CeString(s)) | Some(Attr::CeUri(s)) | Some(Attr::CeUriRef(s)) => {
+                Value::String(s)
+            }
+            Some(Attr::CeBytes(b)) => {
+                Value::String(base64::engine::general_purpose::STANDARD.encode(b))
+            }
+            Some(Attr::CeTimestamp(ts)) => {
+                Value::String(timestamp_to_rfc3339(ts.seconds, ts.nanos))
+            }
             None => continue,
         };
         m.insert(k, value);
@@ -122,13 +153,14 @@ pub fn event_from_proto(e: ce::CloudEvent) -> Result<CloudEvent, Status> {
             m.insert("data".into(), value);
         }
         Some(ce::cloud_event::Data::BinaryData(b)) => {
-            m.insert("data_base64".into(), base64::engine::general_purpose::STANDARD.encode(b).into());
+            m.insert(
+                "data_base64".into(),
+                base64::engine::general_purpose::STANDARD.encode(b).into(),
+            );
         }
-        Some(ce::cloud_event::Data::ProtoData(_)) => {
-            return Err(Status::invalid_argument(
-                "proto_data events are not supported; send the data as text_data (JSON) or binary_data",
-            ))
-        }
+        Some(ce::cloud_event::Data::ProtoData(_)) => return Err(Status::invalid_argument(
+            "proto_data events are not supported; send the data as text_data (JSON) or binary_data",
+        )),
     }
     Ok(CloudEvent::from_input(Value::Object(m)))
 }
@@ -155,7 +187,10 @@ pub fn event_to_proto(e: &CloudEvent) -> ce::CloudEvent {
                 out.data = Some(ce::cloud_event::Data::TextData(t));
             }
             "data_base64" => {
-                if let Some(b) = v.as_str().and_then(|s| base64::engine::general_purpose::STANDARD.decode(s).ok()) {
+                if let Some(b) = v
+                    .as_str()
+                    .and_then(|s| base64::engine::general_purpose::STANDARD.decode(s).ok())
+                {
                     out.data = Some(ce::cloud_event::Data::BinaryData(b));
                 }
             }
@@ -174,15 +209,19 @@ pub fn event_to_proto(e: &CloudEvent) -> ce::CloudEvent {
                     Value::String(s) => Attr::CeString(s.clone()),
                     other => Attr::CeString(other.to_string()),
                 };
-                out.attributes
-                    .insert(k.clone(), ce::cloud_event::CloudEventAttributeValue { attr: Some(attr) });
+                out.attributes.insert(
+                    k.clone(),
+                    ce::cloud_event::CloudEventAttributeValue { attr: Some(attr) },
+                );
             }
         }
     }
     if e.0.contains_key("data") && !e.0.contains_key("datacontenttype") {
         out.attributes.insert(
             "datacontenttype".into(),
-            ce::cloud_event::CloudEventAttributeValue { attr: Some(Attr::CeString("application/json".into())) },
+            ce::cloud_event::CloudEventAttributeValue {
+                attr: Some(Attr::CeString("application/json".into())),
+            },
         );
     }
     out
@@ -192,13 +231,19 @@ fn timestamp_to_rfc3339(seconds: i64, nanos: i32) -> String {
     let t = time::OffsetDateTime::from_unix_timestamp(seconds)
         .ok()
         .and_then(|t| t.replace_nanosecond(nanos.max(0) as u32).ok());
-    t.and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
-        .unwrap_or_default()
+    t.and_then(|t| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .ok()
+    })
+    .unwrap_or_default()
 }
 
 fn rfc3339_to_timestamp(s: &str) -> Option<pbjson_types::Timestamp> {
     let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
-    Some(pbjson_types::Timestamp { seconds: t.unix_timestamp(), nanos: t.nanosecond() as i32 })
+    Some(pbjson_types::Timestamp {
+        seconds: t.unix_timestamp(),
+        nanos: t.nanosecond() as i32,
+    })
 }
 
 #[cfg(test)]
@@ -215,7 +260,10 @@ mod tests {
         }));
         let p = event_to_proto(&j);
         assert!(matches!(p.data, Some(ce::cloud_event::Data::TextData(_))));
-        assert!(matches!(p.attributes["time"].attr, Some(Attr::CeTimestamp(_))));
+        assert!(matches!(
+            p.attributes["time"].attr,
+            Some(Attr::CeTimestamp(_))
+        ));
         let back = event_from_proto(p).unwrap();
         assert_eq!(back.0["data"], json!({"px": 1.5, "sym": "EUR"}));
         assert_eq!(back.get_str("correlationid"), Some("c"));
@@ -237,10 +285,15 @@ mod tests {
         let e = event_from_proto(p).unwrap();
         assert_eq!(e.get_str("data_base64"), Some("AAEC"));
         let mut p = event_to_proto(&e);
-        assert_eq!(p.data, Some(ce::cloud_event::Data::BinaryData(vec![0, 1, 2])));
+        assert_eq!(
+            p.data,
+            Some(ce::cloud_event::Data::BinaryData(vec![0, 1, 2]))
+        );
         p.attributes.insert(
             "datacontenttype".into(),
-            ce::cloud_event::CloudEventAttributeValue { attr: Some(Attr::CeString("text/plain".into())) },
+            ce::cloud_event::CloudEventAttributeValue {
+                attr: Some(Attr::CeString("text/plain".into())),
+            },
         );
         p.data = Some(ce::cloud_event::Data::TextData("{not json".into()));
         assert_eq!(event_from_proto(p).unwrap().0["data"], json!("{not json"));

@@ -26,7 +26,10 @@ pub fn from_headers(headers: &HeaderMap) -> String {
     if let Some(tp) = headers.get("traceparent").and_then(|v| v.to_str().ok()) {
         // version "-" trace-id (32 hex) "-" parent-id "-" flags
         if let Some(trace) = tp.split('-').nth(1) {
-            if trace.len() == 32 && trace.bytes().all(|b| b.is_ascii_hexdigit()) && trace.bytes().any(|b| b != b'0') {
+            if trace.len() == 32
+                && trace.bytes().all(|b| b.is_ascii_hexdigit())
+                && trace.bytes().any(|b| b != b'0')
+            {
                 return trace.to_ascii_lowercase();
             }
         }
@@ -85,7 +88,10 @@ mod tests {
     #[test]
     fn header_then_traceparent_then_new() {
         let mut h = HeaderMap::new();
-        h.insert("traceparent", HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
+        h.insert(
+            "traceparent",
+            HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        );
         assert_eq!(from_headers(&h), "4bf92f3577b34da6a3ce929d0e0e4736");
         h.insert(HEADER, HeaderValue::from_static("abc-123"));
         assert_eq!(from_headers(&h), "abc-123");

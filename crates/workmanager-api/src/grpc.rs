@@ -7,7 +7,9 @@ use futures::Stream;
 use tonic::{Request, Response, Status};
 use workmanager_core::{CodeInput, Manager, RequestContext};
 
-use crate::convert::{code_input, engine_info, event_from_proto, event_to_proto, history_entry, worker_info};
+use crate::convert::{
+    code_input, engine_info, event_from_proto, event_to_proto, history_entry, worker_info,
+};
 use crate::correlation::CorrelationId;
 use crate::error::status;
 use crate::pb;
@@ -63,7 +65,9 @@ impl WorkManager for WorkManagerService {
             )
             .await
             .map_err(status)?;
-        Ok(Response::new(pb::CreateWorkerResponse { id: created.record.id.to_string() }))
+        Ok(Response::new(pb::CreateWorkerResponse {
+            id: created.record.id.to_string(),
+        }))
     }
 
     async fn start_worker(
@@ -71,8 +75,14 @@ impl WorkManager for WorkManagerService {
         req: Request<pb::StartWorkerRequest>,
     ) -> Result<Response<pb::StartWorkerResponse>, Status> {
         let ctx = context(&req);
-        let s = self.manager.start(&ctx, &req.get_ref().id).await.map_err(status)?;
-        Ok(Response::new(pb::StartWorkerResponse { worker: Some(worker_info(&s)) }))
+        let s = self
+            .manager
+            .start(&ctx, &req.get_ref().id)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::StartWorkerResponse {
+            worker: Some(worker_info(&s)),
+        }))
     }
 
     async fn stop_worker(
@@ -80,8 +90,14 @@ impl WorkManager for WorkManagerService {
         req: Request<pb::StopWorkerRequest>,
     ) -> Result<Response<pb::StopWorkerResponse>, Status> {
         let ctx = context(&req);
-        let s = self.manager.stop(&ctx, &req.get_ref().id).await.map_err(status)?;
-        Ok(Response::new(pb::StopWorkerResponse { worker: Some(worker_info(&s)) }))
+        let s = self
+            .manager
+            .stop(&ctx, &req.get_ref().id)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::StopWorkerResponse {
+            worker: Some(worker_info(&s)),
+        }))
     }
 
     async fn load_code(
@@ -100,7 +116,13 @@ impl WorkManager for WorkManagerService {
     ) -> Result<Response<pb::LoadCodeResponse>, Status> {
         let ctx = context(&req);
         let r = req.into_inner();
-        self.load(&ctx, "LoadCodeFromContent", &r.id, CodeInput::Content(r.content)).await
+        self.load(
+            &ctx,
+            "LoadCodeFromContent",
+            &r.id,
+            CodeInput::Content(r.content),
+        )
+        .await
     }
 
     async fn load_code_from_url(
@@ -123,7 +145,10 @@ impl WorkManager for WorkManagerService {
         req: Request<pb::DeleteWorkerRequest>,
     ) -> Result<Response<pb::DeleteWorkerResponse>, Status> {
         let ctx = context(&req);
-        self.manager.delete(&ctx, &req.get_ref().id).await.map_err(status)?;
+        self.manager
+            .delete(&ctx, &req.get_ref().id)
+            .await
+            .map_err(status)?;
         Ok(Response::new(pb::DeleteWorkerResponse {}))
     }
 
@@ -131,9 +156,18 @@ impl WorkManager for WorkManagerService {
         &self,
         req: Request<pb::ListWorkersRequest>,
     ) -> Result<Response<pb::ListWorkersResponse>, Status> {
-        let filters: Vec<(String, String)> =
-            req.into_inner().filters.into_iter().map(|f| (f.key, f.value)).collect();
-        let workers = self.manager.list(&filters).iter().map(worker_info).collect();
+        let filters: Vec<(String, String)> = req
+            .into_inner()
+            .filters
+            .into_iter()
+            .map(|f| (f.key, f.value))
+            .collect();
+        let workers = self
+            .manager
+            .list(&filters)
+            .iter()
+            .map(worker_info)
+            .collect();
         Ok(Response::new(pb::ListWorkersResponse { workers }))
     }
 
@@ -153,36 +187,59 @@ impl WorkManager for WorkManagerService {
     ) -> Result<Response<pb::RecoverWorkersResponse>, Status> {
         let ctx = context(&req);
         let n = self.manager.recover(&ctx).await.map_err(status)?;
-        Ok(Response::new(pb::RecoverWorkersResponse { recovered_count: i32::try_from(n).unwrap_or(i32::MAX) }))
+        Ok(Response::new(pb::RecoverWorkersResponse {
+            recovered_count: i32::try_from(n).unwrap_or(i32::MAX),
+        }))
     }
 
-    async fn set_tag(&self, req: Request<pb::SetTagRequest>) -> Result<Response<pb::SetTagResponse>, Status> {
+    async fn set_tag(
+        &self,
+        req: Request<pb::SetTagRequest>,
+    ) -> Result<Response<pb::SetTagResponse>, Status> {
         let ctx = context(&req);
         let r = req.into_inner();
         let tags = [(r.key, r.value)].into_iter().collect();
-        self.manager.set_tags(&ctx, "SetTag", &r.id, tags).await.map_err(status)?;
+        self.manager
+            .set_tags(&ctx, "SetTag", &r.id, tags)
+            .await
+            .map_err(status)?;
         Ok(Response::new(pb::SetTagResponse {}))
     }
 
-    async fn set_tags(&self, req: Request<pb::SetTagsRequest>) -> Result<Response<pb::SetTagsResponse>, Status> {
+    async fn set_tags(
+        &self,
+        req: Request<pb::SetTagsRequest>,
+    ) -> Result<Response<pb::SetTagsResponse>, Status> {
         let ctx = context(&req);
         let r = req.into_inner();
-        self.manager.set_tags(&ctx, "SetTags", &r.id, r.tags).await.map_err(status)?;
+        self.manager
+            .set_tags(&ctx, "SetTags", &r.id, r.tags)
+            .await
+            .map_err(status)?;
         Ok(Response::new(pb::SetTagsResponse {}))
     }
 
-    async fn get_tag(&self, req: Request<pb::GetTagRequest>) -> Result<Response<pb::GetTagResponse>, Status> {
+    async fn get_tag(
+        &self,
+        req: Request<pb::GetTagRequest>,
+    ) -> Result<Response<pb::GetTagResponse>, Status> {
         let r = req.get_ref();
         let value = self.manager.get_tag(&r.id, &r.key).map_err(status)?;
         Ok(Response::new(pb::GetTagResponse { value }))
     }
 
-    async fn get_tags(&self, req: Request<pb::GetTagsRequest>) -> Result<Response<pb::GetTagsResponse>, Status> {
+    async fn get_tags(
+        &self,
+        req: Request<pb::GetTagsRequest>,
+    ) -> Result<Response<pb::GetTagsResponse>, Status> {
         let tags = self.manager.get_tags(&req.get_ref().id).map_err(status)?;
         Ok(Response::new(pb::GetTagsResponse { tags }))
     }
 
-    async fn get_worker(&self, req: Request<pb::GetWorkerRequest>) -> Result<Response<pb::WorkerInfo>, Status> {
+    async fn get_worker(
+        &self,
+        req: Request<pb::GetWorkerRequest>,
+    ) -> Result<Response<pb::WorkerInfo>, Status> {
         let s = self.manager.get(&req.get_ref().id).map_err(status)?;
         Ok(Response::new(worker_info(&s)))
     }
@@ -191,7 +248,12 @@ impl WorkManager for WorkManagerService {
         &self,
         _req: Request<pb::ListEnginesRequest>,
     ) -> Result<Response<pb::ListEnginesResponse>, Status> {
-        let engines = self.manager.engines().into_iter().map(engine_info).collect();
+        let engines = self
+            .manager
+            .engines()
+            .into_iter()
+            .map(engine_info)
+            .collect();
         Ok(Response::new(pb::ListEnginesResponse { engines }))
     }
 
@@ -201,20 +263,30 @@ impl WorkManager for WorkManagerService {
     ) -> Result<Response<pb::InvokeWorkerResponse>, Status> {
         let r = req.into_inner();
         let event = r.event.ok_or_else(|| {
-            Status::invalid_argument("event is missing; send the CloudEvent to run through the worker")
+            Status::invalid_argument(
+                "event is missing; send the CloudEvent to run through the worker",
+            )
         })?;
         let event = event_from_proto(event)?;
         let out = self.invoke(&r.id, event, r.publish).await?;
-        Ok(Response::new(pb::InvokeWorkerResponse { event: out.as_ref().map(event_to_proto) }))
+        Ok(Response::new(pb::InvokeWorkerResponse {
+            event: out.as_ref().map(event_to_proto),
+        }))
     }
 
-    async fn publish(&self, _req: Request<pb::PublishRequest>) -> Result<Response<pb::PublishResponse>, Status> {
+    async fn publish(
+        &self,
+        _req: Request<pb::PublishRequest>,
+    ) -> Result<Response<pb::PublishResponse>, Status> {
         Err(no_bus())
     }
 
     type SubscribeStream = EventStream<pb::CloudEventMessage>;
 
-    async fn subscribe(&self, _req: Request<pb::SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
+    async fn subscribe(
+        &self,
+        _req: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
         Err(no_bus())
     }
 
@@ -236,8 +308,14 @@ impl WorkManagerService {
         id: &str,
         code: CodeInput,
     ) -> Result<Response<pb::LoadCodeResponse>, Status> {
-        let s = self.manager.load_code(ctx, operation, id, code).await.map_err(status)?;
-        Ok(Response::new(pb::LoadCodeResponse { worker: Some(worker_info(&s)) }))
+        let s = self
+            .manager
+            .load_code(ctx, operation, id, code)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::LoadCodeResponse {
+            worker: Some(worker_info(&s)),
+        }))
     }
 
     /// InvokeWorker for both APIs, on the JSON form of the event.

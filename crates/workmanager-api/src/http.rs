@@ -78,7 +78,10 @@ where
 /// Parses a JSON body, or says what is wrong with it.
 fn parse<T: DeserializeOwned>(body: &Bytes, cid: &CorrelationId) -> ApiResult<T> {
     if body.is_empty() {
-        return Err(ApiError::bad_request("the request body is empty; send a JSON object", &cid.0));
+        return Err(ApiError::bad_request(
+            "the request body is empty; send a JSON object",
+            &cid.0,
+        ));
     }
     serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}"), &cid.0))
@@ -103,7 +106,10 @@ async fn health(State(s): State<AppState>) -> Response {
     let store = s.manager().store();
     let (store_status, store_desc) = match store.ping().await {
         Ok(()) => ("Healthy", format!("{} store reachable", store.name())),
-        Err(e) => ("Unhealthy", format!("{} store unreachable: {e}", store.name())),
+        Err(e) => (
+            "Unhealthy",
+            format!("{} store unreachable: {e}", store.name()),
+        ),
     };
     let recovery = if s.manager().is_ready() {
         check("Healthy", "recovery finished")
@@ -127,7 +133,11 @@ async fn health(State(s): State<AppState>) -> Response {
             "circuit": check("Healthy", "closed"),
         }
     });
-    let code = if overall == "Unhealthy" { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+    let code = if overall == "Unhealthy" {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
     (code, Json(body)).into_response()
 }
 
@@ -141,14 +151,25 @@ async fn ready(State(s): State<AppState>) -> Response {
     if recovered && store_ok {
         Json(json!({"status": "Healthy"})).into_response()
     } else {
-        let why = if !recovered { "recovery in progress" } else { "state store unreachable" };
-        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "Unhealthy", "description": why}))).into_response()
+        let why = if !recovered {
+            "recovery in progress"
+        } else {
+            "state store unreachable"
+        };
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "Unhealthy", "description": why})),
+        )
+            .into_response()
     }
 }
 
 async fn metrics(State(s): State<AppState>) -> Response {
     (
-        [(http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         s.manager().render_metrics(),
     )
         .into_response()
@@ -184,11 +205,20 @@ async fn list_workers(
             ));
         }
         let Some((k, v)) = value.split_once('=') else {
-            return Err(ApiError::bad_request(format!("tag filter {value:?} must be key=value"), &cid.0));
+            return Err(ApiError::bad_request(
+                format!("tag filter {value:?} must be key=value"),
+                &cid.0,
+            ));
         };
-        filters.push(pb::TagFilter { key: k.into(), value: v.into() });
+        filters.push(pb::TagFilter {
+            key: k.into(),
+            value: v.into(),
+        });
     }
-    call(&cid, pb::ListWorkersRequest { filters }, |r| s.svc.list_workers(r)).await
+    call(&cid, pb::ListWorkersRequest { filters }, |r| {
+        s.svc.list_workers(r)
+    })
+    .await
 }
 
 async fn get_worker(
@@ -204,7 +234,10 @@ async fn delete_worker(
     Extension(cid): Extension<CorrelationId>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<pb::DeleteWorkerResponse>> {
-    call(&cid, pb::DeleteWorkerRequest { id }, |r| s.svc.delete_worker(r)).await
+    call(&cid, pb::DeleteWorkerRequest { id }, |r| {
+        s.svc.delete_worker(r)
+    })
+    .await
 }
 
 async fn start_worker(
@@ -212,7 +245,10 @@ async fn start_worker(
     Extension(cid): Extension<CorrelationId>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<pb::StartWorkerResponse>> {
-    call(&cid, pb::StartWorkerRequest { id }, |r| s.svc.start_worker(r)).await
+    call(&cid, pb::StartWorkerRequest { id }, |r| {
+        s.svc.start_worker(r)
+    })
+    .await
 }
 
 async fn stop_worker(
@@ -240,7 +276,10 @@ async fn history(
     Extension(cid): Extension<CorrelationId>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<pb::GetWorkerHistoryResponse>> {
-    call(&cid, pb::GetWorkerHistoryRequest { id }, |r| s.svc.get_worker_history(r)).await
+    call(&cid, pb::GetWorkerHistoryRequest { id }, |r| {
+        s.svc.get_worker_history(r)
+    })
+    .await
 }
 
 async fn get_tags(
@@ -284,14 +323,26 @@ async fn set_tag(
         value: String,
     }
     let b: Body = parse(&body, &cid)?;
-    call(&cid, pb::SetTagRequest { id, key, value: b.value }, |r| s.svc.set_tag(r)).await
+    call(
+        &cid,
+        pb::SetTagRequest {
+            id,
+            key,
+            value: b.value,
+        },
+        |r| s.svc.set_tag(r),
+    )
+    .await
 }
 
 async fn recover(
     State(s): State<AppState>,
     Extension(cid): Extension<CorrelationId>,
 ) -> ApiResult<Json<pb::RecoverWorkersResponse>> {
-    call(&cid, pb::RecoverWorkersRequest {}, |r| s.svc.recover_workers(r)).await
+    call(&cid, pb::RecoverWorkersRequest {}, |r| {
+        s.svc.recover_workers(r)
+    })
+    .await
 }
 
 async fn engines(
@@ -326,7 +377,11 @@ async fn invoke_worker(
             ))
         }
     };
-    let out = s.svc.invoke(&id, event, b.publish).await.map_err(|e| ApiError::from_status(&e, &cid.0))?;
+    let out = s
+        .svc
+        .invoke(&id, event, b.publish)
+        .await
+        .map_err(|e| ApiError::from_status(&e, &cid.0))?;
     let mut body = BTreeMap::new();
     if let Some(e) = out {
         body.insert("event", Value::Object(e.0));

@@ -33,5 +33,6 @@ pub mod pb {
     pub use virtufin::*;
 
     /// The encoded descriptor set of the contract (with imports), for reflection.
-    pub const DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/workmanager_descriptor.bin"));
+    pub const DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/workmanager_descriptor.bin"));
 }

@@ -36,15 +36,23 @@ pub async fn serve(
     let svc = WorkManagerService::new(manager.clone());
 
     let (reporter, health) = tonic_health::server::health_reporter();
-    reporter.set_service_status("", ServingStatus::NotServing).await;
-    reporter.set_service_status(SERVICE_NAME, ServingStatus::NotServing).await;
+    reporter
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    reporter
+        .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
+        .await;
     let ready_manager = manager.clone();
     tokio::spawn(async move {
         while !ready_manager.is_ready() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        reporter.set_service_status("", ServingStatus::Serving).await;
-        reporter.set_service_status(SERVICE_NAME, ServingStatus::Serving).await;
+        reporter
+            .set_service_status("", ServingStatus::Serving)
+            .await;
+        reporter
+            .set_service_status(SERVICE_NAME, ServingStatus::Serving)
+            .await;
     });
 
     let reflection = || {
@@ -52,8 +60,12 @@ pub async fn serve(
             .register_encoded_file_descriptor_set(pb::DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
-    let reflection_v1 = reflection().build_v1().map_err(|e| format!("gRPC reflection: {e}"))?;
-    let reflection_v1alpha = reflection().build_v1alpha().map_err(|e| format!("gRPC reflection: {e}"))?;
+    let reflection_v1 = reflection()
+        .build_v1()
+        .map_err(|e| format!("gRPC reflection: {e}"))?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .map_err(|e| format!("gRPC reflection: {e}"))?;
     let api = WorkManagerServer::new(svc.clone())
         .max_decoding_message_size(opts.max_message_bytes)
         .max_encoding_message_size(opts.max_message_bytes);

@@ -1,1 +1,157 @@
-fn main() {}
+//! `workmanager`: `serve` runs the service; `bench` measures it; every other
+//! subcommand is the client CLI.
+mod bench;
+mod cli;
+mod config;
+mod logging;
+mod serve;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "workmanager",
+    version,
+    about = "Hosts user functions as workers on pub/sub topics"
+)]
+struct Cli {
+    /// The service's gRPC address, for client commands.
+    #[arg(
+        long,
+        global = true,
+        env = "WORKMANAGER_SERVER",
+        default_value = "http://127.0.0.1:25002"
+    )]
+    server: String,
+    /// Output format of client commands.
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = cli::Output::Table)]
+    output: cli::Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the service.
+    Serve(ServeArgs),
+    /// Measure latency, cold start and memory; prints a Markdown report.
+    Bench(bench::BenchArgs),
+    #[command(flatten)]
+    Client(cli::ClientCmd),
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// JSON configuration file [default: ./appsettings.json if present].
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long, value_name = "PORT")]
+    http_port: Option<String>,
+    #[arg(long, value_name = "PORT")]
+    grpc_port: Option<String>,
+    /// Address to bind both ports to (BindAddress).
+    #[arg(long, value_name = "IP")]
+    bind: Option<String>,
+    /// The embedded state file (StateStore:Path).
+    #[arg(long, value_name = "FILE")]
+    state_path: Option<String>,
+    /// Trace, Debug, Information, Warning, Error (Logging:LogLevel:Default).
+    #[arg(long)]
+    log_level: Option<String>,
+    /// json or text (Logging:Format).
+    #[arg(long)]
+    log_format: Option<String>,
+    /// Any configuration key, e.g. --set Python:ExecutionTimeoutSeconds=5.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Write the bound ports as JSON to this file (useful with port 0).
+    #[arg(long, value_name = "FILE")]
+    port_file: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Command::Serve(args) => runtime.block_on(serve_main(args)),
+        Command::Bench(args) => report(runtime.block_on(bench::run(args))),
+        Command::Client(cmd) => report(runtime.block_on(cli::run(&cli.server, cli.output, cmd))),
+    }
+}
+
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve_main(args: ServeArgs) -> ExitCode {
+    let mut layers = config::Layers::default();
+    let config_path = match &args.config {
+        Some(p) => Some(p.clone()),
+        None => Some(PathBuf::from("appsettings.json")).filter(|p| p.exists()),
+    };
+    if let Some(path) = config_path {
+        if let Err(e) = layers.add_json_file(&path) {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    }
+    layers.add_env(std::env::vars());
+    let flags = [
+        ("HttpPort", &args.http_port),
+        ("GrpcPort", &args.grpc_port),
+        ("BindAddress", &args.bind),
+        ("StateStore:Path", &args.state_path),
+        ("Logging:LogLevel:Default", &args.log_level),
+        ("Logging:Format", &args.log_format),
+    ];
+    for (key, value) in flags {
+        if let Some(v) = value {
+            layers.add_flag(key, v.clone());
+        }
+    }
+    for kv in &args.set {
+        match kv.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => layers.add_flag(k.trim(), v.to_string()),
+            _ => {
+                eprintln!("error: --set {kv:?} must be written KEY=VALUE");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let settings = match config::settings(&layers) {
+        Ok(s) => s,
+        Err(errors) => {
+            for e in errors {
+                eprintln!("error: {e}");
+            }
+            return ExitCode::from(2);
+        }
+    };
+    let _guard = logging::init(&settings.log_filter, settings.log_format);
+    match serve::run(settings, args.port_file).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "the service stopped with an error");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,481 @@
+//! The client CLI: every subcommand but `serve` and `bench` talks to a
+//! running service over gRPC (`--server`). Human tables by default, `-o json`
+//! (proto3 JSON) for scripts; errors name the gRPC code and the server's
+//! message, and the exit code is 1.
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Subcommand, ValueEnum};
+use serde::Serialize;
+use tonic::transport::Channel;
+use workmanager_api::convert::{event_from_proto, event_to_proto};
+use workmanager_api::error::code_name;
+use workmanager_api::pb;
+use workmanager_api::pb::work_manager_client::WorkManagerClient;
+use workmanager_core::CloudEvent;
+
+/// Largest message the CLI sends or accepts (code uploads).
+const MAX_MESSAGE: usize = 64 * 1024 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WorkersCmd {
+    /// Create a worker from a file (or URL) of code.
+    Create(CreateArgs),
+    /// List workers, optionally only those with all the given tags.
+    List {
+        /// key=value; repeat for AND.
+        #[arg(long = "tag", value_name = "KEY=VALUE")]
+        tags: Vec<String>,
+    },
+    /// Show one worker.
+    Get { id: String },
+    /// Start (subscribe and run); retries a FAILED worker.
+    Start { id: String },
+    /// Stop.
+    Stop { id: String },
+    /// Delete, from any status.
+    Delete { id: String },
+    /// Code load history, oldest first.
+    History { id: String },
+    /// Hot-reload a worker's code.
+    Load(LoadArgs),
+    /// Run one event through a worker and print its output.
+    Invoke {
+        id: String,
+        /// The event's data, as JSON.
+        #[arg(long)]
+        data: String,
+        /// The event's type.
+        #[arg(long = "type", default_value = "com.virtufin.cli.invoke")]
+        event_type: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// Engine MIME type, e.g. text/x-python.
+    #[arg(long, default_value = "text/x-python")]
+    mime: String,
+    /// Topic to listen on; repeat for several.
+    #[arg(long = "topic", required = true)]
+    topics: Vec<String>,
+    #[command(flatten)]
+    code: CodeArgs,
+    /// Immutable config, stamped on every input event; repeatable.
+    #[arg(long = "config", value_name = "KEY=VALUE")]
+    config: Vec<String>,
+    /// Tag; repeatable.
+    #[arg(long = "tag", value_name = "KEY=VALUE")]
+    tags: Vec<String>,
+    /// Start the worker right away.
+    #[arg(long)]
+    start: bool,
+    /// Parallel executions (Python: that many child processes).
+    #[arg(long, default_value_t = 0)]
+    max_concurrency: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct LoadArgs {
+    id: String,
+    #[command(flatten)]
+    code: CodeArgs,
+}
+
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct CodeArgs {
+    /// File with the worker's code.
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// URL of the worker's code.
+    #[arg(long)]
+    url: Option<String>,
+    /// Expected SHA-256 of the URL's content (hex or sha256-<base64>).
+    #[arg(long, requires = "url")]
+    sha256: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TagsCmd {
+    /// All tags of a worker, or one.
+    Get { id: String, key: Option<String> },
+    /// Merge tags into a worker's tags.
+    Set {
+        id: String,
+        #[arg(value_name = "KEY=VALUE", required = true)]
+        tags: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClientCmd {
+    #[command(subcommand)]
+    Workers(WorkersCmd),
+    #[command(subcommand)]
+    Tags(TagsCmd),
+    /// Publish an event on a topic.
+    Publish {
+        topic: String,
+        #[arg(long)]
+        data: String,
+        #[arg(long = "type", default_value = "com.virtufin.cli.publish")]
+        event_type: String,
+    },
+    /// Print a topic's events as JSON lines until Ctrl-C.
+    Subscribe { topic: String },
+    /// Recover persisted workers that are not hosted yet.
+    Recover,
+    /// List the engines by MIME type.
+    Engines,
+}
+
+pub async fn run(server: &str, output: Output, cmd: ClientCmd) -> Result<()> {
+    let mut c = connect(server).await?;
+    match cmd {
+        ClientCmd::Workers(w) => workers(&mut c, output, w).await,
+        ClientCmd::Tags(TagsCmd::Get { id, key: Some(key) }) => {
+            let r = call(c.get_tag(pb::GetTagRequest { id, key })).await?;
+            print(output, &r, || r.value.clone())
+        }
+        ClientCmd::Tags(TagsCmd::Get { id, key: None }) => {
+            let r = call(c.get_tags(pb::GetTagsRequest { id })).await?;
+            print(output, &r, || {
+                r.tags
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+        }
+        ClientCmd::Tags(TagsCmd::Set { id, tags }) => {
+            let tags = pairs(&tags, "tag")?;
+            let n = tags.len();
+            let r = call(c.set_tags(pb::SetTagsRequest {
+                id: id.clone(),
+                tags,
+            }))
+            .await?;
+            print(output, &r, || format!("set {n} tag(s) on {id}"))
+        }
+        ClientCmd::Publish {
+            topic,
+            data,
+            event_type,
+        } => {
+            let event = cli_event(&data, &event_type)?;
+            let r = call(c.publish(pb::PublishRequest {
+                topic: topic.clone(),
+                event: Some(event),
+            }))
+            .await?;
+            print(output, &r, || format!("published to {topic}"))
+        }
+        ClientCmd::Subscribe { topic } => {
+            let mut stream = call(c.subscribe(pb::SubscribeRequest { topic })).await?;
+            while let Some(msg) = stream.message().await.map_err(status_error)? {
+                if let Some(e) = msg.event {
+                    let e = event_from_proto(e).map_err(status_error)?;
+                    println!("{}", serde_json::Value::Object(e.0));
+                }
+            }
+            Ok(())
+        }
+        ClientCmd::Recover => {
+            let r = call(c.recover_workers(pb::RecoverWorkersRequest {})).await?;
+            print(output, &r, || {
+                format!("recovered {} worker(s)", r.recovered_count)
+            })
+        }
+        ClientCmd::Engines => {
+            let r = call(c.list_engines(pb::ListEnginesRequest {})).await?;
+            print(output, &r, || {
+                table(
+                    &["MIME TYPE", "LANGUAGE", "ISOLATION"],
+                    r.engines.iter().map(|e| {
+                        vec![e.mime_type.clone(), e.language.clone(), e.isolation.clone()]
+                    }),
+                )
+            })
+        }
+    }
+}
+
+async fn workers(
+    c: &mut WorkManagerClient<Channel>,
+    output: Output,
+    cmd: WorkersCmd,
+) -> Result<()> {
+    match cmd {
+        WorkersCmd::Create(a) => {
+            let req = pb::CreateWorkerRequest {
+                code_source: Some(code_source(&a.code)?),
+                mime_type: a.mime,
+                topics: a.topics,
+                config: pairs(&a.config, "config")?,
+                tags: pairs(&a.tags, "tag")?,
+                start: a.start,
+                max_concurrency: a.max_concurrency,
+            };
+            let r = call(c.create_worker(req)).await?;
+            print(output, &r, || r.id.clone())
+        }
+        WorkersCmd::List { tags } => {
+            let filters = pairs(&tags, "tag")?
+                .into_iter()
+                .map(|(key, value)| pb::TagFilter { key, value })
+                .collect();
+            let r = call(c.list_workers(pb::ListWorkersRequest { filters })).await?;
+            print(output, &r, || {
+                table(
+                    &[
+                        "ID",
+                        "STATUS",
+                        "MIME TYPE",
+                        "TOPICS",
+                        "PROCESSED",
+                        "FAILED",
+                        "TAGS",
+                    ],
+                    r.workers.iter().map(|w| {
+                        vec![
+                            w.id.clone(),
+                            status_name(w.status),
+                            w.mime_type.clone(),
+                            w.topics.join(","),
+                            w.messages_processed.to_string(),
+                            w.messages_failed.to_string(),
+                            w.tags
+                                .iter()
+                                .map(|(k, v)| format!("{k}={v}"))
+                                .collect::<Vec<_>>()
+                                .join(","),
+                        ]
+                    }),
+                )
+            })
+        }
+        WorkersCmd::Get { id } => {
+            let w = call(c.get_worker(pb::GetWorkerRequest { id })).await?;
+            print(output, &w, || describe(&w))
+        }
+        WorkersCmd::Start { id } => {
+            let r = call(c.start_worker(pb::StartWorkerRequest { id: id.clone() })).await?;
+            print(output, &r, || state_line(&id, r.worker.as_ref()))
+        }
+        WorkersCmd::Stop { id } => {
+            let r = call(c.stop_worker(pb::StopWorkerRequest { id: id.clone() })).await?;
+            print(output, &r, || state_line(&id, r.worker.as_ref()))
+        }
+        WorkersCmd::Delete { id } => {
+            let r = call(c.delete_worker(pb::DeleteWorkerRequest { id: id.clone() })).await?;
+            print(output, &r, || format!("deleted {id}"))
+        }
+        WorkersCmd::History { id } => {
+            let r = call(c.get_worker_history(pb::GetWorkerHistoryRequest { id })).await?;
+            print(output, &r, || {
+                table(
+                    &["LOADED AT", "SHA-256", "SOURCE"],
+                    r.entries.iter().map(|h| {
+                        let cs = h.code_source.clone().unwrap_or_default();
+                        let source = match cs.source {
+                            Some(pb::code_source::Source::Url(u)) => u,
+                            _ => "content".into(),
+                        };
+                        vec![h.created_at.clone(), cs.content_sha256, source]
+                    }),
+                )
+            })
+        }
+        WorkersCmd::Load(a) => {
+            let req = pb::LoadCodeRequest {
+                id: a.id.clone(),
+                code_source: Some(code_source(&a.code)?),
+            };
+            let r = call(c.load_code(req)).await?;
+            print(output, &r, || format!("loaded new code into {}", a.id))
+        }
+        WorkersCmd::Invoke {
+            id,
+            data,
+            event_type,
+        } => {
+            let event = cli_event(&data, &event_type)?;
+            let r = call(c.invoke_worker(pb::InvokeWorkerRequest {
+                id,
+                event: Some(event),
+                publish: false,
+            }))
+            .await?;
+            match r.event {
+                Some(e) => {
+                    let e = event_from_proto(e).map_err(status_error)?;
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&serde_json::Value::Object(e.0))?
+                    );
+                }
+                None if output == Output::Json => println!("{{}}"),
+                None => println!("(the worker returned nothing)"),
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn connect(server: &str) -> Result<WorkManagerClient<Channel>> {
+    let channel = Channel::from_shared(server.to_string())
+        .map_err(|_| anyhow!("--server {server:?} is not a valid URL; use e.g. http://127.0.0.1:25002"))?
+        .connect()
+        .await
+        .map_err(|_| anyhow!("cannot reach the WorkManager at {server}; is `workmanager serve` running? (set --server)"))?;
+    Ok(WorkManagerClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE))
+}
+
+async fn call<T>(
+    fut: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T> {
+    fut.await
+        .map(tonic::Response::into_inner)
+        .map_err(status_error)
+}
+
+fn status_error(s: tonic::Status) -> anyhow::Error {
+    anyhow!("{}: {}", code_name(s.code()), s.message())
+}
+
+fn print<T: Serialize>(output: Output, value: &T, human: impl FnOnce() -> String) -> Result<()> {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(value)?),
+        Output::Table => {
+            let text = human();
+            if !text.is_empty() {
+                println!("{text}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn code_source(a: &CodeArgs) -> Result<pb::CodeSource> {
+    let source = match (&a.file, &a.url) {
+        (Some(f), _) => pb::code_source::Source::Content(
+            std::fs::read(f)
+                .with_context(|| format!("cannot read the code file {}", f.display()))?,
+        ),
+        (None, Some(u)) => pb::code_source::Source::Url(u.clone()),
+        (None, None) => bail!("give the code with --file or --url"),
+    };
+    Ok(pb::CodeSource {
+        source: Some(source),
+        credential: None,
+        content_sha256: a.sha256.clone().unwrap_or_default(),
+    })
+}
+
+fn pairs(items: &[String], what: &str) -> Result<BTreeMap<String, String>> {
+    items
+        .iter()
+        .map(|s| {
+            s.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .ok_or_else(|| anyhow!("{what} {s:?} must be written key=value"))
+        })
+        .collect()
+}
+
+fn cli_event(
+    data: &str,
+    event_type: &str,
+) -> Result<workmanager_api::pb::io::cloudevents::v1::CloudEvent> {
+    let data: serde_json::Value =
+        serde_json::from_str(data).with_context(|| format!("--data is not valid JSON: {data}"))?;
+    let event = CloudEvent::from_input(serde_json::json!({
+        "specversion": "1.0",
+        "id": uuid::Uuid::new_v4().to_string(),
+        "source": "urn:com.virtufin.workmanager:cli",
+        "type": event_type,
+        "datacontenttype": "application/json",
+        "data": data,
+    }));
+    Ok(event_to_proto(&event))
+}
+
+fn status_name(status: i32) -> String {
+    match pb::WorkerStatus::try_from(status) {
+        Ok(pb::WorkerStatus::Running) => "RUNNING",
+        Ok(pb::WorkerStatus::Stopped) => "STOPPED",
+        Ok(pb::WorkerStatus::Failed) => "FAILED",
+        _ => "UNSPECIFIED",
+    }
+    .into()
+}
+
+fn state_line(id: &str, w: Option<&pb::WorkerInfo>) -> String {
+    match w {
+        Some(w) => format!("worker {id} is {}", status_name(w.status)),
+        None => format!("worker {id} updated"),
+    }
+}
+
+fn describe(w: &pb::WorkerInfo) -> String {
+    let map = |m: &BTreeMap<String, String>| {
+        m.iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut lines = vec![
+        format!("id:           {}", w.id),
+        format!("status:       {}", status_name(w.status)),
+        format!("mime type:    {} ({})", w.mime_type, w.language),
+        format!("topics:       {}", w.topics.join(", ")),
+        format!("config:       {}", map(&w.config)),
+        format!("tags:         {}", map(&w.tags)),
+        format!("created at:   {}", w.created_at),
+        format!("instance:     {}", w.instance_id),
+        format!(
+            "processed:    {} ok, {} failed",
+            w.messages_processed, w.messages_failed
+        ),
+    ];
+    if !w.last_error.is_empty() {
+        lines.push(format!("last error:   {}", w.last_error));
+    }
+    lines.join("\n")
+}
+
+/// A plain left-aligned table.
+fn table(headers: &[&str], rows: impl Iterator<Item = Vec<String>>) -> String {
+    let rows: Vec<Vec<String>> = rows.collect();
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, cell) in r.iter().enumerate() {
+            if let Some(w) = widths.get_mut(i) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+    }
+    let line = |cells: Vec<String>| {
+        cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths.get(i).copied().unwrap_or(0)))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    let mut out = vec![line(headers.iter().map(|h| h.to_string()).collect())];
+    out.extend(rows.into_iter().map(line));
+    out.join("\n")
+}

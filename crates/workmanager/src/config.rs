@@ -1,0 +1,509 @@
+//! Configuration, layered like .NET configuration: built-in defaults <
+//! `appsettings.json` < environment variables < command-line flags.
+//!
+//! Every source is flattened into one case-insensitive map of `:`-separated
+//! keys (JSON objects nest, arrays become `key:0`, `key:1`; env `A__B` is
+//! `A:B`; the spec's flat env names are aliases). Typed settings are then read
+//! from the map, and any malformed or out-of-range value is an error naming
+//! the key, the value, where it came from and what is valid — never a silent
+//! fallback to the default.
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::Value;
+use workmanager_core::RecoverySettings;
+
+/// Flat environment names of the spec and the keys they stand for.
+const ENV_ALIASES: &[(&str, &str)] = &[
+    ("ALLOWED_CODE_SOURCE_HOSTS", "AllowedCodeSourceHosts"),
+    ("PYTHON_EXECUTABLE", "Python:Executable"),
+    ("PYTHON_BLOCKED_MODULES", "Python:BlockedModules"),
+    ("PYTHON_ALLOWED_PACKAGES", "Python:AllowedPackages"),
+    ("WORKER_RETRY_ATTEMPTS", "Worker:RetryAttempts"),
+    ("WORKER_RETRY_BASE_DELAY_MS", "Worker:RetryBaseDelayMs"),
+    ("WORKER_RECOVERY_ON_START", "Recovery:OnStart"),
+    (
+        "WORKER_RECOVERY_LEASE_TTL_SECONDS",
+        "Recovery:LeaseTtlSeconds",
+    ),
+    (
+        "WORKER_RECOVERY_ACQUIRE_TIMEOUT_SECONDS",
+        "Recovery:AcquireTimeoutSeconds",
+    ),
+    (
+        "WORKER_RECOVERY_CONNECTIVITY_TIMEOUT_SECONDS",
+        "Recovery:ConnectivityTimeoutSeconds",
+    ),
+    ("DAPR_RETRY_ATTEMPTS", "Resilience:RetryAttempts"),
+    ("DAPR_RETRY_BASE_DELAY_MS", "Resilience:RetryBaseDelayMs"),
+    (
+        "DAPR_CIRCUIT_BREAKER_THRESHOLD",
+        "Resilience:CircuitBreakerThreshold",
+    ),
+    (
+        "DAPR_CIRCUIT_BREAKER_DURATION_SECONDS",
+        "Resilience:CircuitBreakerDurationSeconds",
+    ),
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+/// Typed settings. Some are validated now (a malformed value fails start-up)
+/// but consumed by features that arrive later: URL fetching (`CodeSource:*`,
+/// `AllowedCodeSourceHosts`), the sandbox's module lists, the dispatcher's
+/// retries (`Worker:*`) and the resilience layer (`Resilience:*`).
+#[derive(Debug, Clone)]
+#[allow(dead_code)]
+pub struct Settings {
+    pub bind_address: IpAddr,
+    pub http_port: u16,
+    pub grpc_port: u16,
+    /// A `tracing` filter directive ("info", "warn", "off", ...).
+    pub log_filter: String,
+    pub log_format: LogFormat,
+    pub allowed_code_source_hosts: Vec<String>,
+    pub allow_private_networks: bool,
+    pub fetch_timeout: Duration,
+    pub max_code_bytes: usize,
+    pub python_executable: String,
+    pub python_blocked_modules: Option<Vec<String>>,
+    pub python_allowed_packages: Vec<String>,
+    pub python_execution_timeout: Duration,
+    pub python_ping_interval: Duration,
+    pub worker_retry_attempts: u32,
+    pub worker_retry_base_delay: Duration,
+    pub recovery: RecoverySettings,
+    pub resilience_retry_attempts: u32,
+    pub resilience_retry_base_delay: Duration,
+    pub circuit_breaker_threshold: u32,
+    pub circuit_breaker_duration: Duration,
+    pub state_store_path: PathBuf,
+    pub instance_id: String,
+}
+
+/// Where a value came from, for error messages.
+#[derive(Debug, Clone)]
+struct Entry {
+    /// The key as written in its source (for messages).
+    key: String,
+    value: String,
+    origin: String,
+}
+
+/// The merged, flattened configuration.
+#[derive(Debug, Default)]
+pub struct Layers {
+    map: BTreeMap<String, Entry>,
+}
+
+impl Layers {
+    fn set(&mut self, key: &str, value: String, origin: String) {
+        let norm = key.to_ascii_lowercase();
+        // A scalar replaces an array from a lower layer and vice versa.
+        let prefix = format!("{norm}:");
+        self.map.retain(|k, _| !k.starts_with(&prefix));
+        self.map.insert(
+            norm,
+            Entry {
+                key: key.to_string(),
+                value,
+                origin,
+            },
+        );
+    }
+
+    /// Adds `appsettings.json` (or another JSON file).
+    pub fn add_json_file(&mut self, path: &Path) -> Result<(), String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read configuration file {}: {e}", path.display()))?;
+        let value: Value = serde_json::from_str(&text).map_err(|e| {
+            format!(
+                "configuration file {} is not valid JSON: {e}",
+                path.display()
+            )
+        })?;
+        let origin = format!("{}", path.display());
+        let mut flat = Vec::new();
+        flatten("", &value, &mut flat);
+        for (k, v) in flat {
+            self.set(&k, v, origin.clone());
+        }
+        Ok(())
+    }
+
+    /// Adds environment variables: aliases first, then `A__B` names.
+    pub fn add_env(&mut self, vars: impl IntoIterator<Item = (String, String)>) {
+        let vars: Vec<(String, String)> = vars.into_iter().collect();
+        for (name, value) in &vars {
+            if let Some((_, key)) = ENV_ALIASES
+                .iter()
+                .find(|(alias, _)| alias.eq_ignore_ascii_case(name))
+            {
+                self.set(key, value.clone(), format!("environment variable {name}"));
+            }
+        }
+        for (name, value) in &vars {
+            if ENV_ALIASES
+                .iter()
+                .any(|(alias, _)| alias.eq_ignore_ascii_case(name))
+            {
+                continue;
+            }
+            self.set(
+                &name.replace("__", ":"),
+                value.clone(),
+                format!("environment variable {name}"),
+            );
+        }
+    }
+
+    /// Adds a command-line value.
+    pub fn add_flag(&mut self, key: &str, value: String) {
+        self.set(key, value, "the command line".into());
+    }
+
+    fn get(&self, key: &str) -> Option<&Entry> {
+        self.map.get(&key.to_ascii_lowercase())
+    }
+
+    /// A list: a JSON array (`key:0`, `key:1`, ...) or a comma-separated string.
+    fn list(&self, key: &str) -> Option<Vec<String>> {
+        if let Some(e) = self.get(key) {
+            return Some(split_list(&e.value));
+        }
+        let prefix = format!("{}:", key.to_ascii_lowercase());
+        let mut items: Vec<(usize, String)> = self
+            .map
+            .iter()
+            .filter_map(|(k, e)| {
+                k.strip_prefix(&prefix)?
+                    .parse::<usize>()
+                    .ok()
+                    .map(|i| (i, e.value.clone()))
+            })
+            .collect();
+        if items.is_empty() {
+            return None;
+        }
+        items.sort();
+        Some(
+            items
+                .into_iter()
+                .map(|(_, v)| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+                .collect(),
+        )
+    }
+}
+
+fn split_list(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+fn flatten(prefix: &str, v: &Value, out: &mut Vec<(String, String)>) {
+    let join = |k: &str| {
+        if prefix.is_empty() {
+            k.to_string()
+        } else {
+            format!("{prefix}:{k}")
+        }
+    };
+    match v {
+        Value::Object(m) => m.iter().for_each(|(k, v)| flatten(&join(k), v, out)),
+        Value::Array(a) => a
+            .iter()
+            .enumerate()
+            .for_each(|(i, v)| flatten(&join(&i.to_string()), v, out)),
+        Value::String(s) => out.push((prefix.to_string(), s.clone())),
+        Value::Null => out.push((prefix.to_string(), String::new())),
+        other => out.push((prefix.to_string(), other.to_string())),
+    }
+}
+
+/// Reads typed values, collecting every error so one start-up shows them all.
+struct Reader<'a> {
+    layers: &'a Layers,
+    errors: Vec<String>,
+}
+
+impl Reader<'_> {
+    fn fail(&mut self, e: &Entry, valid: &str) {
+        self.errors.push(format!(
+            "invalid configuration: {} = {:?} (from {}): {valid}",
+            e.key, e.value, e.origin
+        ));
+    }
+
+    fn string(&mut self, key: &str, default: &str) -> String {
+        match self.layers.get(key) {
+            Some(e) if e.value.trim().is_empty() => {
+                let e = e.clone();
+                self.fail(&e, "must not be empty");
+                default.to_string()
+            }
+            Some(e) => e.value.trim().to_string(),
+            None => default.to_string(),
+        }
+    }
+
+    fn int(&mut self, key: &str, default: u64, min: u64, max: u64) -> u64 {
+        let Some(e) = self.layers.get(key).cloned() else {
+            return default;
+        };
+        match e.value.trim().parse::<u64>() {
+            Ok(n) if (min..=max).contains(&n) => n,
+            _ => {
+                self.fail(&e, &format!("must be a whole number from {min} to {max}"));
+                default
+            }
+        }
+    }
+
+    fn bool(&mut self, key: &str, default: bool) -> bool {
+        let Some(e) = self.layers.get(key).cloned() else {
+            return default;
+        };
+        match e.value.trim().to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "on" => true,
+            "false" | "0" | "no" | "off" => false,
+            _ => {
+                self.fail(&e, "must be one of true/false/1/0/yes/no/on/off");
+                default
+            }
+        }
+    }
+
+    fn choice<T: Copy>(&mut self, key: &str, default: T, options: &[(&str, T)]) -> T {
+        let Some(e) = self.layers.get(key).cloned() else {
+            return default;
+        };
+        match options
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case(e.value.trim()))
+        {
+            Some((_, v)) => *v,
+            None => {
+                let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
+                self.fail(&e, &format!("must be one of {}", names.join(", ")));
+                default
+            }
+        }
+    }
+}
+
+pub fn settings(layers: &Layers) -> Result<Settings, Vec<String>> {
+    let mut r = Reader {
+        layers,
+        errors: Vec::new(),
+    };
+    let bind_text = r.string("BindAddress", "127.0.0.1");
+    let bind_address = match bind_text.parse::<IpAddr>() {
+        Ok(a) => a,
+        Err(_) => {
+            if let Some(e) = layers.get("BindAddress").cloned() {
+                r.fail(&e, "must be an IP address such as 127.0.0.1, 0.0.0.0 or ::");
+            }
+            IpAddr::from([127, 0, 0, 1])
+        }
+    };
+    let http_port = r.int("HttpPort", 25001, 0, 65535) as u16;
+    let grpc_port = r.int("GrpcPort", 25002, 0, 65535) as u16;
+    let log_filter = r
+        .choice(
+            "Logging:LogLevel:Default",
+            "info",
+            &[
+                ("Trace", "trace"),
+                ("Debug", "debug"),
+                ("Information", "info"),
+                ("Warning", "warn"),
+                ("Error", "error"),
+                ("Critical", "error"),
+                ("None", "off"),
+            ],
+        )
+        .to_string();
+    let log_format = r.choice(
+        "Logging:Format",
+        LogFormat::Json,
+        &[("json", LogFormat::Json), ("text", LogFormat::Text)],
+    );
+    let allowed_code_source_hosts = layers.list("AllowedCodeSourceHosts").unwrap_or_default();
+    let allow_private_networks = r.bool("CodeSource:AllowPrivateNetworks", false);
+    let fetch_timeout = Duration::from_secs(r.int("CodeSource:FetchTimeoutSeconds", 30, 1, 600));
+    let max_code_bytes = r.int(
+        "CodeSource:MaxBytes",
+        16 * 1024 * 1024,
+        1,
+        256 * 1024 * 1024,
+    ) as usize;
+    let python_executable = r.string("Python:Executable", "python3");
+    let python_blocked_modules = layers.list("Python:BlockedModules");
+    let python_allowed_packages = layers.list("Python:AllowedPackages").unwrap_or_default();
+    let python_execution_timeout =
+        Duration::from_secs(r.int("Python:ExecutionTimeoutSeconds", 30, 1, 3600));
+    let python_ping_interval =
+        Duration::from_secs(r.int("Python:PingIntervalSeconds", 10, 1, 3600));
+    let worker_retry_attempts = r.int("Worker:RetryAttempts", 3, 0, 20) as u32;
+    let worker_retry_base_delay =
+        Duration::from_millis(r.int("Worker:RetryBaseDelayMs", 200, 1, 60_000));
+    let recovery = RecoverySettings {
+        on_start: r.bool("Recovery:OnStart", true),
+        lease_ttl: Duration::from_secs(r.int("Recovery:LeaseTtlSeconds", 300, 10, 86_400)),
+        acquire_timeout: Duration::from_secs(r.int("Recovery:AcquireTimeoutSeconds", 30, 1, 600)),
+        connectivity_timeout: Duration::from_secs(r.int(
+            "Recovery:ConnectivityTimeoutSeconds",
+            120,
+            1,
+            3600,
+        )),
+    };
+    let resilience_retry_attempts = r.int("Resilience:RetryAttempts", 3, 0, 20) as u32;
+    let resilience_retry_base_delay =
+        Duration::from_millis(r.int("Resilience:RetryBaseDelayMs", 200, 10, 60_000));
+    let circuit_breaker_threshold = r.int("Resilience:CircuitBreakerThreshold", 5, 1, 1000) as u32;
+    let circuit_breaker_duration =
+        Duration::from_secs(r.int("Resilience:CircuitBreakerDurationSeconds", 30, 1, 3600));
+    // Only the embedded backends exist in this build; say so instead of
+    // pretending to connect somewhere.
+    r.choice("StateStore:Type", (), &[("embedded", ())]);
+    r.choice("PubSub:Type", (), &[("embedded", ())]);
+    let state_store_path = PathBuf::from(r.string("StateStore:Path", "./data/state.redb"));
+    let instance_id = match layers.get("HOSTNAME") {
+        Some(e) if !e.value.trim().is_empty() => e.value.trim().to_string(),
+        _ => uuid::Uuid::new_v4().to_string(),
+    };
+    if r.errors.is_empty() {
+        Ok(Settings {
+            bind_address,
+            http_port,
+            grpc_port,
+            log_filter,
+            log_format,
+            allowed_code_source_hosts,
+            allow_private_networks,
+            fetch_timeout,
+            max_code_bytes,
+            python_executable,
+            python_blocked_modules,
+            python_allowed_packages,
+            python_execution_timeout,
+            python_ping_interval,
+            worker_retry_attempts,
+            worker_retry_base_delay,
+            recovery,
+            resilience_retry_attempts,
+            resilience_retry_base_delay,
+            circuit_breaker_threshold,
+            circuit_breaker_duration,
+            state_store_path,
+            instance_id,
+        })
+    } else {
+        Err(r.errors)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_apply_with_no_sources() {
+        let s = settings(&Layers::default()).unwrap();
+        assert_eq!((s.http_port, s.grpc_port), (25001, 25002));
+        assert_eq!(s.bind_address.to_string(), "127.0.0.1");
+        assert_eq!(s.max_code_bytes, 16 * 1024 * 1024);
+        assert!(s.recovery.on_start);
+        assert_eq!(s.log_filter, "info");
+    }
+
+    #[test]
+    fn later_layers_win_and_keys_are_case_insensitive() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("appsettings.json");
+        std::fs::write(
+            &file,
+            r#"{"HttpPort": 1000, "GrpcPort": 2000, "Logging": {"LogLevel": {"Default": "Warning"}},
+                "AllowedCodeSourceHosts": ["a.example", "*.b.example"], "Recovery": {"OnStart": false}}"#,
+        )
+        .unwrap();
+        let mut l = Layers::default();
+        l.add_json_file(&file).unwrap();
+        l.add_env(env(&[
+            ("httpport", "1001"),
+            ("Logging__LogLevel__Default", "Debug"),
+            ("WORKER_RECOVERY_ON_START", "yes"),
+        ]));
+        l.add_flag("HttpPort", "1002".into());
+        let s = settings(&l).unwrap();
+        assert_eq!(s.http_port, 1002);
+        assert_eq!(s.grpc_port, 2000);
+        assert_eq!(s.log_filter, "debug");
+        assert!(s.recovery.on_start);
+        assert_eq!(
+            s.allowed_code_source_hosts,
+            vec!["a.example", "*.b.example"]
+        );
+    }
+
+    #[test]
+    fn env_lists_are_comma_separated_and_hierarchical_env_beats_alias() {
+        let mut l = Layers::default();
+        l.add_env(env(&[
+            ("ALLOWED_CODE_SOURCE_HOSTS", "x.example, y.example"),
+            ("WORKER_RETRY_ATTEMPTS", "4"),
+            ("Worker__RetryAttempts", "5"),
+        ]));
+        let s = settings(&l).unwrap();
+        assert_eq!(s.allowed_code_source_hosts, vec!["x.example", "y.example"]);
+        assert_eq!(s.worker_retry_attempts, 5);
+    }
+
+    #[test]
+    fn bad_values_fail_naming_key_value_origin_and_range() {
+        let mut l = Layers::default();
+        l.add_env(env(&[
+            ("WORKER_RECOVERY_LEASE_TTL_SECONDS", "5"),
+            ("Recovery__OnStart", "maybe"),
+            ("StateStore__Type", "cassandra"),
+        ]));
+        l.add_flag("HttpPort", "70000".into());
+        let errors = settings(&l).unwrap_err();
+        let all = errors.join("\n");
+        assert_eq!(errors.len(), 4, "{all}");
+        assert!(all.contains("Recovery:LeaseTtlSeconds = \"5\" (from environment variable WORKER_RECOVERY_LEASE_TTL_SECONDS): must be a whole number from 10 to 86400"), "{all}");
+        assert!(all.contains("Recovery:OnStart = \"maybe\""), "{all}");
+        assert!(
+            all.contains("HttpPort = \"70000\" (from the command line)"),
+            "{all}"
+        );
+        assert!(all.contains("must be one of embedded"), "{all}");
+    }
+
+    #[test]
+    fn malformed_json_file_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("appsettings.json");
+        std::fs::write(&file, "{ not json").unwrap();
+        let err = Layers::default().add_json_file(&file).unwrap_err();
+        assert!(err.contains("not valid JSON"), "{err}");
+    }
+}
