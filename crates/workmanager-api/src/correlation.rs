@@ -1,9 +1,13 @@
 //! Correlation ids for both servers: one tower layer reads `x-correlation-id`
 //! (else the trace id of `traceparent`, else makes a UUID), puts it in the
 //! request's extensions for the handlers and audit records, and echoes it in
-//! the response headers (gRPC response metadata).
+//! the response headers (gRPC response metadata). The same layer counts the
+//! requests in flight, so shutdown can wait for exactly those (and not for
+//! idle keep-alive connections).
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{HeaderMap, HeaderValue, Request, Response};
@@ -37,20 +41,55 @@ pub fn from_headers(headers: &HeaderMap) -> String {
     uuid::Uuid::new_v4().to_string()
 }
 
-#[derive(Debug, Clone, Copy, Default)]
-pub struct CorrelationLayer;
+/// Requests whose handler has not yet produced a response.
+#[derive(Debug, Clone, Default)]
+pub struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    pub fn count(&self) -> usize {
+        self.0.load(Ordering::Acquire)
+    }
+
+    fn enter(&self) -> InFlightGuard {
+        self.0.fetch_add(1, Ordering::AcqRel);
+        InFlightGuard(self.0.clone())
+    }
+}
+
+struct InFlightGuard(Arc<AtomicUsize>);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct CorrelationLayer {
+    inflight: InFlight,
+}
+
+impl CorrelationLayer {
+    pub fn new(inflight: InFlight) -> Self {
+        Self { inflight }
+    }
+}
 
 impl<S> Layer<S> for CorrelationLayer {
     type Service = Correlation<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Correlation { inner }
+        Correlation {
+            inner,
+            inflight: self.inflight.clone(),
+        }
     }
 }
 
 #[derive(Debug, Clone)]
 pub struct Correlation<S> {
     inner: S,
+    inflight: InFlight,
 }
 
 impl<S, B, RB> Service<Request<B>> for Correlation<S>
@@ -70,9 +109,12 @@ where
         let id = from_headers(req.headers());
         let header = HeaderValue::from_str(&id).ok();
         req.extensions_mut().insert(CorrelationId(id));
+        let guard = self.inflight.enter();
         let fut = self.inner.call(req);
         Box::pin(async move {
-            let mut resp = fut.await?;
+            let resp = fut.await;
+            drop(guard);
+            let mut resp = resp?;
             if let Some(h) = header {
                 resp.headers_mut().insert(HEADER, h);
             }

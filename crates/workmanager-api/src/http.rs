@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use tonic::{Request, Status};
 use workmanager_core::{CloudEvent, Manager};
 
-use crate::correlation::{CorrelationId, CorrelationLayer};
+use crate::correlation::{CorrelationId, CorrelationLayer, InFlight};
 use crate::error::ApiError;
 use crate::grpc::WorkManagerService;
 use crate::pb;
@@ -34,7 +34,7 @@ impl AppState {
 
 type ApiResult<T> = Result<T, ApiError>;
 
-pub fn router(svc: WorkManagerService, max_body_bytes: usize) -> Router {
+pub fn router(svc: WorkManagerService, max_body_bytes: usize, inflight: InFlight) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/health/live", get(live))
@@ -54,7 +54,7 @@ pub fn router(svc: WorkManagerService, max_body_bytes: usize) -> Router {
         .route("/v1/engines", get(engines))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(max_body_bytes))
-        .layer(CorrelationLayer)
+        .layer(CorrelationLayer::new(inflight))
         .with_state(AppState { svc })
 }
 

@@ -10,7 +10,7 @@ use tokio_stream::StreamExt;
 use tonic_health::ServingStatus;
 use workmanager_core::Manager;
 
-use crate::correlation::CorrelationLayer;
+use crate::correlation::{CorrelationLayer, InFlight};
 use crate::grpc::WorkManagerService;
 use crate::pb;
 use crate::pb::work_manager_server::WorkManagerServer;
@@ -19,12 +19,15 @@ use crate::pb::work_manager_server::WorkManagerServer;
 pub struct ServeOptions {
     /// Largest request accepted on either port (gRPC message or HTTP body).
     pub max_message_bytes: usize,
+    /// After the shutdown signal, how long requests in flight may take to
+    /// finish before connections are closed anyway.
+    pub drain_timeout: Duration,
 }
 
 pub const SERVICE_NAME: &str = "virtufin.WorkManager";
 
-/// Serves until `shutdown` completes, then stops accepting and lets running
-/// requests finish.
+/// Serves until `shutdown` completes, then stops accepting, lets requests in
+/// flight finish (bounded by `drain_timeout`) and closes every connection.
 pub async fn serve(
     manager: Manager,
     grpc: TcpListener,
@@ -33,6 +36,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let inflight = InFlight::default();
     let svc = WorkManagerService::new(manager.clone());
 
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -78,7 +82,7 @@ pub async fn serve(
     });
     let mut grpc_stop = stop_rx.clone();
     let grpc_server = tonic::transport::Server::builder()
-        .layer(CorrelationLayer)
+        .layer(CorrelationLayer::new(inflight.clone()))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -87,7 +91,7 @@ pub async fn serve(
             let _ = grpc_stop.wait_for(|s| *s).await;
         });
 
-    let router = crate::http::router(svc, opts.max_message_bytes);
+    let router = crate::http::router(svc, opts.max_message_bytes, inflight.clone());
     let mut http_stop = stop_rx.clone();
     let http_listener = http.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
@@ -101,8 +105,28 @@ pub async fn serve(
         let _ = stop_tx.send(true);
     });
 
-    let (g, h) = tokio::join!(grpc_server, http_server);
-    g.map_err(|e| format!("gRPC server: {e}"))?;
-    h.map_err(|e| format!("HTTP server: {e}"))?;
+    let mut drain_stop = stop_rx.clone();
+    let drained = async move {
+        let _ = drain_stop.wait_for(|s| *s).await;
+        let deadline = tokio::time::Instant::now() + opts.drain_timeout;
+        while inflight.count() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if inflight.count() > 0 {
+            tracing::warn!(
+                in_flight = inflight.count(),
+                "drain timeout reached; closing connections"
+            );
+        }
+    };
+    tokio::select! {
+        (g, h) = async { tokio::join!(grpc_server, http_server) } => {
+            g.map_err(|e| format!("gRPC server: {e}"))?;
+            h.map_err(|e| format!("HTTP server: {e}"))?;
+        }
+        // Idle keep-alive connections must not hold the service open: once no
+        // request is in flight, the servers are dropped, closing them all.
+        () = drained => {}
+    }
     Ok(())
 }

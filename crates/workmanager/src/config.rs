@@ -85,6 +85,9 @@ pub struct Settings {
     pub circuit_breaker_duration: Duration,
     pub state_store_path: PathBuf,
     pub instance_id: String,
+    /// `Shutdown:DrainTimeoutSeconds`: how long requests in flight may run on
+    /// after SIGTERM.
+    pub drain_timeout: Duration,
 }
 
 /// Where a value came from, for error messages.
@@ -379,6 +382,7 @@ pub fn settings(layers: &Layers) -> Result<Settings, Vec<String>> {
     r.choice("StateStore:Type", (), &[("embedded", ())]);
     r.choice("PubSub:Type", (), &[("embedded", ())]);
     let state_store_path = PathBuf::from(r.string("StateStore:Path", "./data/state.redb"));
+    let drain_timeout = Duration::from_secs(r.int("Shutdown:DrainTimeoutSeconds", 30, 0, 3600));
     let instance_id = match layers.get("HOSTNAME") {
         Some(e) if !e.value.trim().is_empty() => e.value.trim().to_string(),
         _ => uuid::Uuid::new_v4().to_string(),
@@ -408,6 +412,7 @@ pub fn settings(layers: &Layers) -> Result<Settings, Vec<String>> {
             circuit_breaker_duration,
             state_store_path,
             instance_id,
+            drain_timeout,
         })
     } else {
         Err(r.errors)

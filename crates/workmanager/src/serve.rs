@@ -59,6 +59,7 @@ pub async fn run(settings: Settings, port_file: Option<PathBuf>) -> Result<()> {
             .max_code_bytes
             .saturating_mul(2)
             .saturating_add(1 << 20),
+        drain_timeout: settings.drain_timeout,
     };
     serve(manager.clone(), grpc, http, opts, shutdown_signal())
         .await

@@ -1,0 +1,125 @@
+//! The CLI binary against a running service.
+use std::process::Command;
+
+use serde_json::Value;
+
+use crate::common::*;
+
+fn wm(svc: &Service, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(BIN)
+        .arg("--server")
+        .arg(svc.server())
+        .args(args)
+        .output()
+        .expect("run the CLI");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn cli_drives_a_worker_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = Service::start_ready(dir.path(), &[]).await;
+    let file = dir.path().join("worker.py");
+    std::fs::write(
+        &file,
+        "def Process(event):\n    return {'type': 'doubled', 'data': event['data']['x'] * 2}\n",
+    )
+    .unwrap();
+
+    let (ok, id, err) = wm(
+        &svc,
+        &[
+            "workers",
+            "create",
+            "--topic",
+            "prices",
+            "--file",
+            file.to_str().unwrap(),
+            "--tag",
+            "desk=fx",
+            "--start",
+        ],
+    );
+    assert!(ok, "{err}");
+    let id = id.trim().to_string();
+
+    let (ok, out, _) = wm(&svc, &["workers", "list"]);
+    assert!(ok);
+    assert!(out.lines().next().unwrap().starts_with("ID"), "{out}");
+    assert!(
+        out.contains(&id) && out.contains("RUNNING") && out.contains("desk=fx"),
+        "{out}"
+    );
+
+    let (ok, out, _) = wm(&svc, &["-o", "json", "workers", "list", "--tag", "desk=fx"]);
+    assert!(ok);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["workers"][0]["id"], id.as_str());
+
+    let (ok, out, err) = wm(&svc, &["workers", "invoke", &id, "--data", r#"{"x": 21}"#]);
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (v["type"].as_str(), v["data"].as_i64()),
+        (Some("doubled"), Some(42))
+    );
+
+    assert!(wm(&svc, &["tags", "set", &id, "owner=ana", "tier=1"]).0);
+    let (ok, out, _) = wm(&svc, &["tags", "get", &id, "owner"]);
+    assert!(ok);
+    assert_eq!(out.trim(), "ana");
+
+    let (ok, out, _) = wm(&svc, &["workers", "stop", &id]);
+    assert!(ok);
+    assert!(out.contains("STOPPED"), "{out}");
+    let (ok, out, _) = wm(&svc, &["workers", "history", &id]);
+    assert!(ok && out.contains("content"), "{out}");
+    let (ok, out, _) = wm(&svc, &["engines"]);
+    assert!(ok && out.contains("text/x-python"), "{out}");
+    assert!(wm(&svc, &["workers", "delete", &id]).0);
+
+    // Errors: non-zero exit and the server's reason on stderr.
+    let (ok, _, err) = wm(&svc, &["workers", "get", &id]);
+    assert!(!ok);
+    assert!(err.contains("NOT_FOUND") && err.contains(&id), "{err}");
+    let (ok, _, err) = wm(&svc, &["workers", "invoke", &id, "--data", "{not json"]);
+    assert!(!ok && err.contains("--data is not valid JSON"), "{err}");
+}
+
+#[test]
+fn cli_explains_an_unreachable_server() {
+    let out = Command::new(BIN)
+        .args(["--server", "http://127.0.0.1:1", "workers", "list"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot reach the WorkManager"), "{err}");
+}
+
+#[test]
+fn serve_refuses_bad_configuration_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "serve",
+            "--set",
+            "Recovery:LeaseTtlSeconds=5",
+            "--http-port",
+            "0",
+            "--grpc-port",
+            "0",
+        ])
+        .current_dir(dir.path())
+        .env("WORKER_RECOVERY_ON_START", "perhaps")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Recovery:LeaseTtlSeconds = \"5\" (from the command line): must be a whole number from 10 to 86400"), "{err}");
+    assert!(err.contains("WORKER_RECOVERY_ON_START"), "{err}");
+}

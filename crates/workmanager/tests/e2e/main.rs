@@ -1,0 +1,9 @@
+//! End-to-end tests: the real binary, real Python children, real gRPC and
+//! HTTP clients, a real state file.
+mod common;
+
+mod bad_input;
+mod cli;
+mod grpc;
+mod rest;
+mod restart;
