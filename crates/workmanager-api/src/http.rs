@@ -3,6 +3,8 @@
 //! messages and call the same `WorkManagerService` methods as gRPC.
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
@@ -24,6 +26,8 @@ use crate::pb::work_manager_server::WorkManager;
 #[derive(Clone)]
 pub struct AppState {
     pub svc: WorkManagerService,
+    /// Set once recovery finished and gRPC health says SERVING.
+    pub ready: Arc<AtomicBool>,
 }
 
 impl AppState {
@@ -34,7 +38,12 @@ impl AppState {
 
 type ApiResult<T> = Result<T, ApiError>;
 
-pub fn router(svc: WorkManagerService, max_body_bytes: usize, inflight: InFlight) -> Router {
+pub fn router(
+    svc: WorkManagerService,
+    max_body_bytes: usize,
+    inflight: InFlight,
+    ready_flag: Arc<AtomicBool>,
+) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/health/live", get(live))
@@ -55,7 +64,10 @@ pub fn router(svc: WorkManagerService, max_body_bytes: usize, inflight: InFlight
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(CorrelationLayer::new(inflight))
-        .with_state(AppState { svc })
+        .with_state(AppState {
+            svc,
+            ready: ready_flag,
+        })
 }
 
 /// Runs a gRPC method for a REST request, carrying the correlation id.
@@ -146,7 +158,7 @@ async fn live() -> Json<Value> {
 }
 
 async fn ready(State(s): State<AppState>) -> Response {
-    let recovered = s.manager().is_ready();
+    let recovered = s.ready.load(Ordering::Acquire);
     let store_ok = s.manager().store().ping().await.is_ok();
     if recovered && store_ok {
         Json(json!({"status": "Healthy"})).into_response()

@@ -1,6 +1,8 @@
 //! Runs both ports: gRPC (WorkManager, health, reflection v1 and v1alpha)
 //! and HTTP (axum router), until the shutdown signal.
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::serve::ListenerExt;
@@ -46,17 +48,19 @@ pub async fn serve(
     reporter
         .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
         .await;
-    let ready_manager = manager.clone();
+    // Readiness of both ports flips together: gRPC health first, then the
+    // flag `/health/ready` reads, so a client that saw one ready sees both.
+    let ready = Arc::new(AtomicBool::new(false));
+    let (ready_manager, ready_flag) = (manager.clone(), ready.clone());
     tokio::spawn(async move {
-        while !ready_manager.is_ready() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        ready_manager.wait_ready().await;
         reporter
             .set_service_status("", ServingStatus::Serving)
             .await;
         reporter
             .set_service_status(SERVICE_NAME, ServingStatus::Serving)
             .await;
+        ready_flag.store(true, Ordering::Release);
     });
 
     let reflection = || {
@@ -91,7 +95,7 @@ pub async fn serve(
             let _ = grpc_stop.wait_for(|s| *s).await;
         });
 
-    let router = crate::http::router(svc, opts.max_message_bytes, inflight.clone());
+    let router = crate::http::router(svc, opts.max_message_bytes, inflight.clone(), ready);
     let mut http_stop = stop_rx.clone();
     let http_listener = http.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);

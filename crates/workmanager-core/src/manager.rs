@@ -9,7 +9,7 @@
 //! current engine `Arc` and runs on it, so a hot reload never waits for, nor
 //! breaks, in-flight calls.
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
@@ -74,7 +74,8 @@ pub(crate) struct Inner {
     /// Serialises this instance's read-modify-write of the worker index; the
     /// CAS on the index version guards against other instances.
     index_lock: tokio::sync::Mutex<()>,
-    pub(crate) recovery_done: AtomicBool,
+    /// Flips to true once start-up recovery has finished.
+    pub(crate) recovery_done: tokio::sync::watch::Sender<bool>,
     pub(crate) recovery_lock: tokio::sync::Mutex<()>,
 }
 
@@ -166,7 +167,7 @@ impl Manager {
                 metrics,
                 workers: RwLock::new(HashMap::new()),
                 index_lock: tokio::sync::Mutex::new(()),
-                recovery_done: AtomicBool::new(false),
+                recovery_done: tokio::sync::watch::Sender::new(false),
                 recovery_lock: tokio::sync::Mutex::new(()),
             }),
         }

@@ -5,7 +5,6 @@
 //! load each worker's code and restore its status, release the lease. One
 //! worker's failure marks that worker FAILED and does not stop the rest.
 //! Also here: the instance heartbeat other instances use to judge ownership.
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -65,7 +64,13 @@ fn now_ms() -> u64 {
 impl Manager {
     /// True once start-up recovery has finished (or was disabled).
     pub fn is_ready(&self) -> bool {
-        self.inner.recovery_done.load(Ordering::Acquire)
+        *self.inner.recovery_done.borrow()
+    }
+
+    /// Resolves once start-up recovery has finished.
+    pub async fn wait_ready(&self) {
+        let mut rx = self.inner.recovery_done.subscribe();
+        let _ = rx.wait_for(|done| *done).await;
     }
 
     /// Start-up: recover unless `Recovery:OnStart` is off; then ready.
@@ -77,7 +82,7 @@ impl Manager {
                 Err(e) => tracing::error!(error = %e, "recovery failed"),
             }
         }
-        self.inner.recovery_done.store(true, Ordering::Release);
+        self.inner.recovery_done.send_replace(true);
     }
 
     /// Recovers every persisted worker not yet hosted here. Returns how many
