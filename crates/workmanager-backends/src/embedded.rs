@@ -65,6 +65,20 @@ fn split(raw: &[u8]) -> Result<(Version, &[u8]), StoreError> {
     Ok((u64::from_le_bytes(v), payload))
 }
 
+/// The key's current version, after checking the write's precondition on it.
+fn checked_version(
+    table: &redb::Table<&str, &[u8]>,
+    key: &str,
+    pre: Precondition,
+) -> Result<Option<Version>, StoreError> {
+    let current = match table.get(key).map_err(unavailable)? {
+        Some(raw) => Some(split(raw.value())?.0),
+        None => None,
+    };
+    check(key, current, pre)?;
+    Ok(current)
+}
+
 fn check(key: &str, current: Option<Version>, pre: Precondition) -> Result<(), StoreError> {
     let ok = match pre {
         Precondition::None => true,
@@ -121,11 +135,7 @@ impl StateStore for EmbeddedStore {
                 for op in &ops {
                     match op {
                         WriteOp::Put { key, value, pre } => {
-                            let current = match table.get(key.as_str()).map_err(unavailable)? {
-                                Some(raw) => Some(split(raw.value())?.0),
-                                None => None,
-                            };
-                            check(key, current, *pre)?;
+                            let current = checked_version(&table, key, *pre)?;
                             let next = current.unwrap_or(0) + 1;
                             let mut buf = Vec::with_capacity(8 + value.len());
                             buf.extend_from_slice(&next.to_le_bytes());
@@ -136,11 +146,7 @@ impl StateStore for EmbeddedStore {
                             versions.push(Some(next));
                         }
                         WriteOp::Delete { key, pre } => {
-                            let current = match table.get(key.as_str()).map_err(unavailable)? {
-                                Some(raw) => Some(split(raw.value())?.0),
-                                None => None,
-                            };
-                            check(key, current, *pre)?;
+                            checked_version(&table, key, *pre)?;
                             table.remove(key.as_str()).map_err(unavailable)?;
                             versions.push(None);
                         }

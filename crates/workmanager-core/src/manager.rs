@@ -290,7 +290,13 @@ impl Manager {
             topics: req.topics,
             config: req.config,
             tags: req.tags,
-            status: WorkerStatus::Stopped,
+            // Starting at create is persisted in the same commit as the
+            // record: one durable write instead of two on the cold path.
+            status: if req.start {
+                WorkerStatus::Running
+            } else {
+                WorkerStatus::Stopped
+            },
             last_error: None,
             created_at: history.created_at.clone(),
             instance_id: self.instance_id().to_string(),
@@ -309,8 +315,8 @@ impl Manager {
         self.insert(slot.clone());
         self.lifecycle(ctx, &slot, "registered", None);
         if req.start {
-            let _op = slot.op.lock().await;
-            self.start_locked(ctx, &slot).await?;
+            self.lifecycle(ctx, &slot, "starting", None);
+            self.lifecycle(ctx, &slot, "online", None);
         }
         Ok(slot.snapshot())
     }

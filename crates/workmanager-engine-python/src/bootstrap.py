@@ -1,6 +1,6 @@
 # WorkManager Python worker bootstrap.
 #
-# Runs as `python3 -E -s -c <this file>`. The worker's code arrives over stdin
+# Runs as `python3 -E -s -S -c <this file> <site-packages dirs...>`. The worker's code arrives over stdin
 # in a "load" message and is compiled in memory: nothing is written to disk.
 # Host and child exchange one JSON object per line: host -> child "load",
 # "process", "ping", "shutdown"; child -> host "ready", "result", "error",
@@ -11,11 +11,11 @@ import builtins
 import json
 import os
 import sys
-import traceback
 
 
 def _setup_channel():
-    proto_in = os.fdopen(os.dup(0), "rb", buffering=0)
+    # Buffered: readline on a raw file would cost one read() per byte.
+    proto_in = os.fdopen(os.dup(0), "rb")
     proto_out = os.fdopen(os.dup(1), "wb", buffering=0)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
@@ -28,6 +28,10 @@ def _setup_channel():
     return proto_in, proto_out
 
 
+# -S skipped the site module (no .pth file runs here); installed packages
+# stay importable through the site-packages directories the host passes.
+sys.path.extend(p for p in sys.argv[1:] if p not in sys.path)
+sys.argv = [""]
 _IN, _OUT = _setup_channel()
 _dumps = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
 
@@ -41,6 +45,8 @@ def _send(obj):
 
 
 def _error(msg_id, exc, skip_frames=1):
+    import traceback  # only on the error path: keeps start-up fast
+
     tb = exc.__traceback__
     for _ in range(skip_frames):
         if tb is not None:

@@ -60,11 +60,13 @@ pub(crate) struct ChildProc {
 }
 
 impl ChildProc {
-    /// Starts `python -E -s -c <bootstrap>` in its own process group with an
-    /// empty environment (but for the locale) and `/` as working directory.
+    /// Starts `python -E -s -S -c <bootstrap> <site-packages...>` in its own
+    /// process group with an empty environment (but for the locale) and `/`
+    /// as working directory.
     pub(crate) fn spawn(cfg: &PythonConfig, worker_id: &str) -> Result<Self, String> {
-        let mut child = tokio::process::Command::new(&cfg.executable)
-            .args(["-E", "-s", "-c", BOOTSTRAP])
+        let mut child = tokio::process::Command::new(&cfg.interpreter.executable)
+            .args(["-E", "-s", "-S", "-c", BOOTSTRAP])
+            .args(&cfg.interpreter.site_packages)
             .env_clear()
             .env("LC_ALL", "C.UTF-8")
             .current_dir("/")

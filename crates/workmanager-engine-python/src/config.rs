@@ -3,10 +3,23 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
+/// The interpreter as resolved once at start-up.
+#[derive(Debug, Clone)]
+pub struct Interpreter {
+    /// The real binary (a version-manager shim such as pyenv's costs ~50 ms
+    /// per spawn, so it is resolved away through `sys.executable`).
+    pub executable: PathBuf,
+    pub version: String,
+    /// The interpreter's site-packages directories. Children run with `-S`
+    /// (the `site` module is not imported, so no `.pth` file executes in a
+    /// worker's process and start-up is ~20 ms faster); the bootstrap puts
+    /// these directories on `sys.path` so installed packages still import.
+    pub site_packages: Vec<PathBuf>,
+}
+
 #[derive(Debug, Clone)]
 pub struct PythonConfig {
-    /// The real interpreter (a version-manager shim resolved once at start-up).
-    pub executable: PathBuf,
+    pub interpreter: Interpreter,
     /// `Python:ExecutionTimeoutSeconds`: per message, and for loading code.
     pub execution_timeout: Duration,
     /// `Python:PingIntervalSeconds`.
@@ -19,9 +32,9 @@ pub struct PythonConfig {
 }
 
 impl PythonConfig {
-    pub fn new(executable: PathBuf) -> Self {
+    pub fn new(interpreter: Interpreter) -> Self {
         Self {
-            executable,
+            interpreter,
             execution_timeout: Duration::from_secs(30),
             ping_interval: Duration::from_secs(10),
             max_result_bytes: 4 * 1024 * 1024,
@@ -31,18 +44,15 @@ impl PythonConfig {
     }
 }
 
-/// Resolves `configured` (e.g. "python3", possibly a pyenv shim that costs
-/// ~50 ms per spawn) to the real interpreter via `sys.executable`, and checks
-/// that it is Python 3.9 or newer.
-pub async fn resolve_interpreter(configured: &str) -> Result<(PathBuf, String), String> {
+const PROBE: &str = "import json, site, sys\n\
+print(json.dumps({'executable': sys.executable, 'version': '%d.%d.%d' % sys.version_info[:3], \
+'ok': sys.version_info >= (3, 9), 'site': site.getsitepackages()}))";
+
+/// Resolves `configured` (e.g. "python3") to the real interpreter, checks that
+/// it is Python 3.9 or newer, and finds its site-packages directories.
+pub async fn resolve_interpreter(configured: &str) -> Result<Interpreter, String> {
     let out = tokio::process::Command::new(configured)
-        .args([
-            "-E",
-            "-s",
-            "-c",
-            "import sys; print(sys.executable); print('%d.%d.%d' % sys.version_info[:3]); \
-             print(1 if sys.version_info >= (3, 9) else 0)",
-        ])
+        .args(["-E", "-s", "-c", PROBE])
         .stdin(Stdio::null())
         .stderr(Stdio::piped())
         .output()
@@ -56,22 +66,29 @@ pub async fn resolve_interpreter(configured: &str) -> Result<(PathBuf, String), 
             String::from_utf8_lossy(&out.stderr).trim()
         ));
     }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut lines = text.lines();
-    let (Some(path), Some(version), Some(ok)) = (lines.next(), lines.next(), lines.next()) else {
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        executable: String,
+        version: String,
+        ok: bool,
+        site: Vec<String>,
+    }
+    let probe: Probe = serde_json::from_slice(&out.stdout)
+        .map_err(|_| format!("the Python interpreter {configured:?} gave an unexpected answer"))?;
+    if !probe.ok {
         return Err(format!(
-            "the Python interpreter {configured:?} gave an unexpected answer"
-        ));
-    };
-    if ok.trim() != "1" {
-        return Err(format!(
-            "Python {version} at {path} is too old; WorkManager needs Python 3.9 or newer"
+            "Python {} at {} is too old; WorkManager needs Python 3.9 or newer",
+            probe.version, probe.executable
         ));
     }
-    let path = if path.trim().is_empty() {
+    let executable = if probe.executable.trim().is_empty() {
         PathBuf::from(configured)
     } else {
-        PathBuf::from(path.trim())
+        PathBuf::from(probe.executable)
     };
-    Ok((path, version.trim().to_string()))
+    Ok(Interpreter {
+        executable,
+        version: probe.version,
+        site_packages: probe.site.into_iter().map(PathBuf::from).collect(),
+    })
 }

@@ -7,7 +7,7 @@ mod child;
 mod config;
 mod engine;
 
-pub use config::{resolve_interpreter, PythonConfig};
+pub use config::{resolve_interpreter, Interpreter, PythonConfig};
 pub use engine::PythonEngine;
 
 /// The MIME type this engine serves.

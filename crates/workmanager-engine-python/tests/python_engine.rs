@@ -10,10 +10,10 @@ use workmanager_core::{
 use workmanager_engine_python::{resolve_interpreter, PythonConfig, PythonEngine};
 
 async fn engine_with(f: impl FnOnce(&mut PythonConfig)) -> PythonEngine {
-    let (exe, _) = resolve_interpreter("python3")
+    let interpreter = resolve_interpreter("python3")
         .await
         .expect("python3 must be installed for these tests");
-    let mut cfg = PythonConfig::new(exe);
+    let mut cfg = PythonConfig::new(interpreter);
     f(&mut cfg);
     PythonEngine::new(cfg, Arc::new(Metrics::new()))
 }
@@ -205,5 +205,22 @@ async fn oversized_results_are_refused() {
     assert_eq!(
         w.process(&event(json!(3))).await.unwrap().unwrap()["data"],
         json!("xxx")
+    );
+}
+
+#[tokio::test]
+async fn installed_packages_import_without_the_site_module() {
+    let e = engine_with(|_| {}).await;
+    // pip lives in site-packages of every CPython install with pip; children
+    // run with -S, so it is importable only through the paths the host passes.
+    let w = load(
+        &e,
+        "import sys, pip\ndef Process(event):\n    return {'type': 't', 'data': ['site' in sys.modules, pip.__name__]}\n",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        w.process(&event(json!(0))).await.unwrap().unwrap()["data"],
+        json!([false, "pip"])
     );
 }

@@ -128,9 +128,10 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     if args.iterations == 0 || args.cold_starts == 0 {
         bail!("--iterations and --cold-starts must be at least 1");
     }
-    let (python, version) = workmanager_engine_python::resolve_interpreter(&args.python)
+    let interpreter = workmanager_engine_python::resolve_interpreter(&args.python)
         .await
         .map_err(|e| anyhow!(e))?;
+    let (python, version) = (interpreter.executable, interpreter.version);
     let dir = tempfile::tempdir()?;
     let port_file = dir.path().join("ports.json");
     let exe = std::env::current_exe()?;

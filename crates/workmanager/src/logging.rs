@@ -26,7 +26,7 @@ pub fn init(filter: &str, format: LogFormat) -> WorkerGuard {
         LogFormat::Text => builder.try_init(),
     };
     if let Err(e) = result {
-        eprintln!("warning: logging was already set up: {e}");
+        crate::say(&format!("warning: logging was already set up: {e}"));
     }
     guard
 }

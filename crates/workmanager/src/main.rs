@@ -80,7 +80,7 @@ fn main() -> ExitCode {
     {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            say(&format!("error: cannot start the async runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
@@ -95,10 +95,16 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            say(&format!("error: {e:#}"));
             ExitCode::FAILURE
         }
     }
+}
+
+/// Writes a line to stderr; a closed stderr is ignored rather than a panic.
+fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 async fn serve_main(args: ServeArgs) -> ExitCode {
@@ -109,7 +115,7 @@ async fn serve_main(args: ServeArgs) -> ExitCode {
     };
     if let Some(path) = config_path {
         if let Err(e) = layers.add_json_file(&path) {
-            eprintln!("error: {e}");
+            say(&format!("error: {e}"));
             return ExitCode::from(2);
         }
     }
@@ -131,7 +137,7 @@ async fn serve_main(args: ServeArgs) -> ExitCode {
         match kv.split_once('=') {
             Some((k, v)) if !k.trim().is_empty() => layers.add_flag(k.trim(), v.to_string()),
             _ => {
-                eprintln!("error: --set {kv:?} must be written KEY=VALUE");
+                say(&format!("error: --set {kv:?} must be written KEY=VALUE"));
                 return ExitCode::from(2);
             }
         }
@@ -140,7 +146,7 @@ async fn serve_main(args: ServeArgs) -> ExitCode {
         Ok(s) => s,
         Err(errors) => {
             for e in errors {
-                eprintln!("error: {e}");
+                say(&format!("error: {e}"));
             }
             return ExitCode::from(2);
         }
@@ -150,7 +156,7 @@ async fn serve_main(args: ServeArgs) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "the service stopped with an error");
-            eprintln!("error: {e:#}");
+            say(&format!("error: {e:#}"));
             ExitCode::FAILURE
         }
     }

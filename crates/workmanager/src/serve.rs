@@ -73,9 +73,13 @@ pub async fn run(settings: Settings, port_file: Option<PathBuf>) -> Result<()> {
 async fn build_engines(settings: &Settings, metrics: &Arc<Metrics>) -> Result<EngineRegistry> {
     let mut engines = EngineRegistry::default();
     match resolve_interpreter(&settings.python_executable).await {
-        Ok((exe, version)) => {
-            tracing::info!(interpreter = %exe.display(), %version, "Python engine ready");
-            let mut cfg = PythonConfig::new(exe);
+        Ok(interpreter) => {
+            tracing::info!(
+                interpreter = %interpreter.executable.display(),
+                version = %interpreter.version,
+                "Python engine ready"
+            );
+            let mut cfg = PythonConfig::new(interpreter);
             cfg.execution_timeout = settings.python_execution_timeout;
             cfg.ping_interval = settings.python_ping_interval;
             engines

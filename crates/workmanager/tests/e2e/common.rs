@@ -22,6 +22,12 @@ impl Service {
     /// Starts the service on `dir` (state file and logs live there) with
     /// extra `--set KEY=VALUE` settings, and waits until it listens.
     pub fn start(dir: &Path, settings: &[&str]) -> Service {
+        Service::start_with(dir, settings, false)
+    }
+
+    /// As `start`; with `closed_output`, the service's stdout and stderr are
+    /// pipes whose reading ends are closed at once (a dead log sink).
+    pub fn start_with(dir: &Path, settings: &[&str], closed_output: bool) -> Service {
         let port_file = dir.join(format!("ports-{}.json", uuid::Uuid::new_v4()));
         let log = dir.join(format!("service-{}.log", uuid::Uuid::new_v4()));
         let mut cmd = Command::new(BIN);
@@ -43,10 +49,16 @@ impl Service {
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&log).expect("log file"))
             .stderr(Stdio::inherit());
+        if closed_output {
+            cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        }
         for s in settings {
             cmd.args(["--set", s]);
         }
         let mut child = cmd.spawn().expect("start workmanager");
+        // Dropping the reading ends closes them: every later write fails.
+        drop(child.stdout.take());
+        drop(child.stderr.take());
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(text) = std::fs::read_to_string(&port_file) {

@@ -371,32 +371,57 @@ async fn reflection_v1_and_v1alpha_list_the_service() {
     use tonic_reflection::pb::{v1, v1alpha};
     let dir = tempfile::tempdir().unwrap();
     let svc = Service::start_ready(dir.path(), &[]).await;
-    let channel = tonic::transport::Channel::from_shared(svc.server()).unwrap().connect().await.unwrap();
+    let channel = tonic::transport::Channel::from_shared(svc.server())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
 
     let mut c1 = v1::server_reflection_client::ServerReflectionClient::new(channel.clone());
     let req = v1::ServerReflectionRequest {
         host: String::new(),
-        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(String::new())),
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
     };
-    let mut stream = c1.server_reflection_info(tokio_stream::iter(vec![req])).await.unwrap().into_inner();
+    let mut stream = c1
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .unwrap()
+        .into_inner();
     let resp = stream.message().await.unwrap().unwrap();
-    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) = resp.message_response else {
+    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        resp.message_response
+    else {
         panic!("unexpected v1 answer")
     };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    assert!(names.contains(&"virtufin.WorkManager".to_string()), "{names:?}");
-    assert!(names.contains(&"grpc.health.v1.Health".to_string()), "{names:?}");
+    assert!(
+        names.contains(&"virtufin.WorkManager".to_string()),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"grpc.health.v1.Health".to_string()),
+        "{names:?}"
+    );
 
     let mut c0 = v1alpha::server_reflection_client::ServerReflectionClient::new(channel);
     let req = v1alpha::ServerReflectionRequest {
         host: String::new(),
-        message_request: Some(v1alpha::server_reflection_request::MessageRequest::FileContainingSymbol(
-            "virtufin.WorkManager".into(),
-        )),
+        message_request: Some(
+            v1alpha::server_reflection_request::MessageRequest::FileContainingSymbol(
+                "virtufin.WorkManager".into(),
+            ),
+        ),
     };
-    let mut stream = c0.server_reflection_info(tokio_stream::iter(vec![req])).await.unwrap().into_inner();
+    let mut stream = c0
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .unwrap()
+        .into_inner();
     let resp = stream.message().await.unwrap().unwrap();
-    let Some(v1alpha::server_reflection_response::MessageResponse::FileDescriptorResponse(files)) = resp.message_response
+    let Some(v1alpha::server_reflection_response::MessageResponse::FileDescriptorResponse(files)) =
+        resp.message_response
     else {
         panic!("unexpected v1alpha answer")
     };

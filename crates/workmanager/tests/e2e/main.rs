@@ -5,5 +5,6 @@ mod common;
 mod bad_input;
 mod cli;
 mod grpc;
+mod logging;
 mod rest;
 mod restart;
