@@ -277,7 +277,7 @@ impl Manager {
         let loaded = engine
             .load(LoadSpec {
                 worker_id: id.clone(),
-                code: code.into(),
+                code,
                 max_concurrency,
             })
             .await
@@ -322,7 +322,7 @@ impl Manager {
     }
 
     /// Turns a code input into bytes, what to persist, and a history entry.
-    async fn obtain(&self, code: CodeInput) -> Result<(Vec<u8>, StoredCode, HistoryEntry)> {
+    async fn obtain(&self, code: CodeInput) -> Result<(Arc<[u8]>, StoredCode, HistoryEntry)> {
         let max = self.inner.settings.max_code_bytes;
         let (bytes, stored, url, credential_name) = match code {
             CodeInput::Content(bytes) => {
@@ -331,6 +331,7 @@ impl Manager {
                         "the code content is empty; send the worker's source code".into(),
                     ));
                 }
+                let bytes: Arc<[u8]> = Arc::from(bytes);
                 (
                     bytes.clone(),
                     StoredCode::Content { content: bytes },
@@ -350,7 +351,7 @@ impl Manager {
                     credential_name: credential_name.clone(),
                     raw_credential,
                 };
-                let bytes = self.inner.fetcher.fetch(&req).await?;
+                let bytes: Arc<[u8]> = Arc::from(self.inner.fetcher.fetch(&req).await?);
                 let stored = StoredCode::Url {
                     url: url.clone(),
                     content_sha256,
@@ -376,7 +377,7 @@ impl Manager {
     }
 
     /// Re-obtains a worker's persisted code (restart after FAILED, recovery).
-    pub(crate) async fn reobtain(&self, stored: &StoredCode) -> Result<Vec<u8>> {
+    pub(crate) async fn reobtain(&self, stored: &StoredCode) -> Result<Arc<[u8]>> {
         match stored {
             StoredCode::Content { content } => Ok(content.clone()),
             StoredCode::Url {
@@ -390,7 +391,7 @@ impl Manager {
                     credential_name: credential_name.clone(),
                     raw_credential: None,
                 };
-                self.inner.fetcher.fetch(&req).await
+                self.inner.fetcher.fetch(&req).await.map(Arc::from)
             }
         }
     }
@@ -411,7 +412,7 @@ impl Manager {
         engine
             .load(LoadSpec {
                 worker_id: record.id.clone(),
-                code: code.into(),
+                code,
                 max_concurrency: record.max_concurrency.max(1),
             })
             .await
@@ -615,7 +616,7 @@ impl Manager {
         let fresh = engine
             .load(LoadSpec {
                 worker_id: slot.id.clone(),
-                code: bytes.into(),
+                code: bytes,
                 max_concurrency,
             })
             .await
@@ -764,7 +765,7 @@ impl Manager {
         let started = Instant::now();
         let result = engine.process(&event).await;
         let seconds = started.elapsed().as_secs_f64();
-        let outcome = self.finish(&slot, &event, result);
+        let outcome = self.finish(&slot, &engine, &event, result);
         let label = if outcome.is_ok() { "ok" } else { "error" };
         self.inner
             .metrics
@@ -779,6 +780,7 @@ impl Manager {
     fn finish(
         &self,
         slot: &Arc<Slot>,
+        engine: &Arc<dyn LoadedWorker>,
         input: &CloudEvent,
         result: std::result::Result<Option<Value>, EngineError>,
     ) -> Result<Option<CloudEvent>> {
@@ -806,10 +808,16 @@ impl Manager {
             Err(EngineError::Failed(msg)) => {
                 let this = self.clone();
                 let slot = slot.clone();
+                let failed = engine.clone();
                 let reason = msg.clone();
                 tokio::spawn(async move {
                     let _op = slot.op.lock().await;
-                    this.mark_failed_locked(&RequestContext::system(), &slot, &reason).await;
+                    // Only if that engine is still current: a hot reload in
+                    // the meantime has already replaced the broken code.
+                    if slot.engine().is_some_and(|e| Arc::ptr_eq(&e, &failed)) {
+                        this.mark_failed_locked(&RequestContext::system(), &slot, &reason)
+                            .await;
+                    }
                 });
                 Err(CoreError::Unavailable(format!("worker {id} is FAILED: {msg}")))
             }

@@ -2,6 +2,7 @@
 //! validation rules for everything a user can put into a worker.
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -108,8 +109,9 @@ impl fmt::Debug for RawCredential {
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum StoredCode {
     Content {
+        /// Shared, so snapshots of the record for reads never copy the code.
         #[serde(with = "base64_bytes")]
-        content: Vec<u8>,
+        content: Arc<[u8]>,
     },
     Url {
         url: String,
@@ -246,17 +248,20 @@ pub fn validate_tag(key: &str, value: &str) -> Result<()> {
 }
 
 mod base64_bytes {
+    use std::sync::Arc;
+
     use base64::Engine as _;
     use serde::{Deserialize, Deserializer, Serializer};
 
-    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: Serializer>(bytes: &Arc<[u8]>, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(bytes))
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<[u8]>, D::Error> {
         let s = String::deserialize(d)?;
         base64::engine::general_purpose::STANDARD
             .decode(s)
+            .map(Arc::from)
             .map_err(serde::de::Error::custom)
     }
 }
@@ -311,7 +316,7 @@ mod tests {
     #[test]
     fn stored_code_round_trips_as_json() {
         let c = StoredCode::Content {
-            content: b"def Process(e): pass".to_vec(),
+            content: Arc::from(&b"def Process(e): pass"[..]),
         };
         let s = serde_json::to_string(&c).unwrap();
         assert_eq!(serde_json::from_str::<StoredCode>(&s).unwrap(), c);

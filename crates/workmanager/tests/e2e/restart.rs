@@ -206,7 +206,7 @@ async fn one_broken_worker_fails_alone_and_can_be_fixed() {
         let v = store.get(&key).await.unwrap().unwrap();
         let mut r: WorkerRecord = serde_json::from_slice(&v.value).unwrap();
         r.code = StoredCode::Content {
-            content: b"def Process(event:\n".to_vec(),
+            content: std::sync::Arc::from(&b"def Process(event:\n"[..]),
         };
         store
             .put(
