@@ -1,6 +1,7 @@
 # WorkManager Python worker bootstrap.
 #
-# Runs as `python3 -E -s -S -c <this file> <site-packages dirs...>`. The worker's code arrives over stdin
+# Runs as `python3 -E -s -S -c <this file> <policy JSON> <sandbox report JSON>`,
+# normally exec'd by the sandbox launcher (see sandbox.rs). The worker's code arrives over stdin
 # in a "load" message and is compiled in memory: nothing is written to disk.
 # Host and child exchange one JSON object per line: host -> child "load",
 # "process", "ping", "shutdown"; child -> host "ready", "result", "error",
@@ -28,11 +29,52 @@ def _setup_channel():
     return proto_in, proto_out
 
 
+# argv[1]: the policy from the host (site-packages dirs, blocked modules,
+# allowed packages); argv[2]: the sandbox layers the launcher applied.
+_POLICY = json.loads(sys.argv[1])
+_SANDBOX = json.loads(sys.argv[2])
+sys.argv = [""]
 # -S skipped the site module (no .pth file runs here); installed packages
 # stay importable through the site-packages directories the host passes.
-sys.path.extend(p for p in sys.argv[1:] if p not in sys.path)
-sys.argv = [""]
+sys.path.extend(p for p in _POLICY["site"] if p not in sys.path)
 _IN, _OUT = _setup_channel()
+
+
+def _install_import_guard(blocked, allowed):
+    """Seed layer: imports made by worker code are checked against the block
+    list, and packages outside the standard library against the allow-list.
+    The standard library's own imports are not checked. This is bypassable
+    by design (object graph walks reach anything already loaded); the OS
+    layer is the boundary."""
+    stdlib = set(getattr(sys, "stdlib_module_names", ())) | set(sys.builtin_module_names)
+    site_dirs = tuple(os.path.realpath(p) + os.sep for p in _POLICY["site"])
+    real_import = builtins.__import__
+
+    def is_third_party(top):
+        if top in stdlib:
+            return False
+        if stdlib:
+            return True
+        import importlib.util  # Python 3.9: no stdlib_module_names
+        spec = importlib.util.find_spec(top)
+        origin = getattr(spec, "origin", None) or ""
+        return os.path.realpath(origin).startswith(site_dirs)
+
+    def guarded_import(name, globals=None, locals=None, fromlist=(), level=0):
+        importer = (globals or {}).get("__name__")
+        if importer == "__worker__" and level == 0:
+            top = name.partition(".")[0]
+            if top in blocked or name in blocked:
+                raise ImportError("%s is not allowed" % name)
+            if top not in allowed and is_third_party(top):
+                raise ImportError(
+                    "%s is not allowed: it is not in Python:AllowedPackages" % name)
+        return real_import(name, globals, locals, fromlist, level)
+
+    builtins.__import__ = guarded_import
+
+
+_install_import_guard(frozenset(_POLICY["blocked"]), frozenset(_POLICY["allowed"]))
 _dumps = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
 
 
@@ -54,7 +96,12 @@ def _error(msg_id, exc, skip_frames=1):
     if isinstance(exc, SyntaxError):
         text = "".join(traceback.format_exception_only(type(exc), exc))
     else:
-        text = "".join(traceback.format_exception(type(exc), exc, tb))
+        # Only the worker's frames: the bootstrap's own ("<string>") are noise.
+        frames = [f for f in traceback.extract_tb(tb) if f.filename != "<string>"]
+        text = "".join(
+            ["Traceback (most recent call last):\n"]
+            + traceback.format_list(frames)
+            + traceback.format_exception_only(type(exc), exc))
     return {
         "op": "error",
         "id": msg_id,
@@ -123,7 +170,7 @@ def main():
             _send({"op": "pong"})
         elif op == "load":
             process, err = _load(msg.get("code", ""))
-            _send(err if err is not None else {"op": "ready"})
+            _send(err if err is not None else {"op": "ready", "sandbox": _SANDBOX})
         elif op == "shutdown":
             return
 

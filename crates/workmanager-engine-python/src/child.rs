@@ -12,6 +12,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout};
 
 use crate::config::PythonConfig;
+use crate::sandbox::{Applied, LaunchSpec, SandboxMode, LAUNCHER_ARG};
 
 const BOOTSTRAP: &str = include_str!("bootstrap.py");
 /// Longest stderr line forwarded to the log; the rest is cut.
@@ -21,7 +22,11 @@ const MAX_LOG_LINE: u64 = 8 * 1024;
 #[derive(Debug, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
 pub(crate) enum Wire {
-    Ready,
+    Ready {
+        /// The sandbox layers that applied to this child.
+        #[serde(default)]
+        sandbox: Option<Applied>,
+    },
     Pong,
     Result {
         #[serde(default)]
@@ -60,13 +65,16 @@ pub(crate) struct ChildProc {
 }
 
 impl ChildProc {
-    /// Starts `python -E -s -S -c <bootstrap> <site-packages...>` in its own
-    /// process group with an empty environment (but for the locale) and `/`
-    /// as working directory.
-    pub(crate) fn spawn(cfg: &PythonConfig, worker_id: &str) -> Result<Self, String> {
-        let mut child = tokio::process::Command::new(&cfg.interpreter.executable)
-            .args(["-E", "-s", "-S", "-c", BOOTSTRAP])
-            .args(&cfg.interpreter.site_packages)
+    /// Starts a child as the launch plan says (normally the sandbox launcher,
+    /// which execs the interpreter), in its own process group, with an empty
+    /// environment and all three standard streams piped.
+    pub(crate) fn spawn(
+        plan: &LaunchPlan,
+        worker_id: &str,
+        log_lines_per_second: u32,
+    ) -> Result<Self, String> {
+        let mut child = tokio::process::Command::new(&plan.program)
+            .args(&plan.args)
             .env_clear()
             .env("LC_ALL", "C.UTF-8")
             .current_dir("/")
@@ -87,7 +95,11 @@ impl ChildProc {
             .take()
             .ok_or("no stdout pipe from the Python child")?;
         if let Some(stderr) = child.stderr.take() {
-            tokio::spawn(forward_stderr(stderr, worker_id.to_string()));
+            tokio::spawn(forward_stderr(
+                stderr,
+                worker_id.to_string(),
+                log_lines_per_second,
+            ));
         }
         Ok(Self {
             child,
@@ -182,10 +194,18 @@ impl Drop for ChildProc {
 }
 
 /// Each stderr line of the child (including the user's `print`) becomes a
-/// Warning log tagged with the worker id.
-async fn forward_stderr(stderr: tokio::process::ChildStderr, worker_id: String) {
+/// Warning log tagged with the worker id, up to `per_second` lines a second
+/// (bursts of up to ten seconds' worth); beyond that lines are read and
+/// dropped, so a flood neither fills the logs nor blocks the child, and the
+/// number dropped is logged once the flood eases.
+async fn forward_stderr(stderr: tokio::process::ChildStderr, worker_id: String, per_second: u32) {
     let mut reader = BufReader::new(stderr);
     let mut line = Vec::new();
+    let rate = f64::from(per_second.max(1));
+    let burst = rate * 10.0;
+    let mut tokens = burst;
+    let mut last = std::time::Instant::now();
+    let mut dropped: u64 = 0;
     loop {
         line.clear();
         match (&mut reader)
@@ -193,10 +213,100 @@ async fn forward_stderr(stderr: tokio::process::ChildStderr, worker_id: String) 
             .read_until(b'\n', &mut line)
             .await
         {
-            Ok(0) | Err(_) => return,
+            Ok(0) | Err(_) => break,
             Ok(_) => {
+                let now = std::time::Instant::now();
+                tokens = (tokens + now.duration_since(last).as_secs_f64() * rate).min(burst);
+                last = now;
+                if tokens < 1.0 {
+                    dropped += 1;
+                    continue;
+                }
+                tokens -= 1.0;
+                if dropped > 0 {
+                    tracing::warn!(target: "worker", worker_id = %worker_id, dropped, "worker output rate limited; lines dropped");
+                    dropped = 0;
+                }
                 let text = String::from_utf8_lossy(&line);
                 tracing::warn!(target: "worker", worker_id = %worker_id, "{}", text.trim_end());
+            }
+        }
+    }
+    if dropped > 0 {
+        tracing::warn!(target: "worker", worker_id = %worker_id, dropped, "worker output rate limited; lines dropped");
+    }
+}
+
+/// How to start a child: program and arguments, prepared once per engine.
+#[derive(Debug, Clone)]
+pub(crate) struct LaunchPlan {
+    pub(crate) program: std::path::PathBuf,
+    pub(crate) args: Vec<std::ffi::OsString>,
+}
+
+impl LaunchPlan {
+    /// Through the sandbox launcher unless the sandbox is off (or there is
+    /// no launcher binary); then the interpreter directly, with a report
+    /// saying no OS layer applied.
+    pub(crate) fn new(cfg: &PythonConfig, workdir: &std::path::Path) -> Result<Self, String> {
+        let interp = &cfg.interpreter;
+        let policy = serde_json::json!({
+            "site": interp.site_packages,
+            "blocked": cfg.blocked_modules,
+            "allowed": cfg.allowed_packages,
+        })
+        .to_string();
+        let python_args: Vec<String> = ["-E", "-s", "-S", "-c", BOOTSTRAP, policy.as_str()]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        match (&cfg.launcher, cfg.sandbox) {
+            (Some(launcher), mode) if mode != SandboxMode::Off => {
+                let mut read_paths: Vec<std::path::PathBuf> = interp.prefixes.clone();
+                read_paths.extend(interp.site_packages.iter().cloned());
+                read_paths.extend(
+                    [
+                        "/etc/ld.so.cache",
+                        "/etc/localtime",
+                        "/usr/share/zoneinfo",
+                        "/dev/null",
+                        "/dev/urandom",
+                    ]
+                    .iter()
+                    .map(std::path::PathBuf::from),
+                );
+                let exec_paths = ["/lib", "/lib64", "/usr/lib", "/usr/lib64", "/usr/local/lib"]
+                    .iter()
+                    .map(std::path::PathBuf::from)
+                    .chain(interp.prefixes.iter().map(|p| p.join("lib")))
+                    .collect();
+                let spec = LaunchSpec {
+                    mode,
+                    python: interp.executable.clone(),
+                    args: python_args,
+                    workdir: workdir.to_path_buf(),
+                    read_paths,
+                    exec_paths,
+                    memory_bytes: cfg.memory_limit_bytes,
+                    cpu_seconds: cfg.cpu_limit_seconds,
+                    open_files: cfg.open_files,
+                    parent_pid: std::process::id(),
+                };
+                let spec = serde_json::to_string(&spec).map_err(|e| e.to_string())?;
+                Ok(Self {
+                    program: launcher.clone(),
+                    args: vec![LAUNCHER_ARG.into(), spec.into()],
+                })
+            }
+            _ => {
+                let report = serde_json::to_string(&Applied::off()).map_err(|e| e.to_string())?;
+                let mut args: Vec<std::ffi::OsString> =
+                    python_args.into_iter().map(Into::into).collect();
+                args.push(report.into());
+                Ok(Self {
+                    program: interp.executable.clone(),
+                    args,
+                })
             }
         }
     }

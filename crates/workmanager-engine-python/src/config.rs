@@ -3,6 +3,8 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
+use crate::sandbox::SandboxMode;
+
 /// The interpreter as resolved once at start-up.
 #[derive(Debug, Clone)]
 pub struct Interpreter {
@@ -15,11 +17,103 @@ pub struct Interpreter {
     /// worker's process and start-up is ~20 ms faster); the bootstrap puts
     /// these directories on `sys.path` so installed packages still import.
     pub site_packages: Vec<PathBuf>,
+    /// `sys.prefix`, `sys.base_prefix` and the exec prefixes: where the
+    /// standard library lives (readable inside the sandbox).
+    pub prefixes: Vec<PathBuf>,
 }
+
+/// Modules worker code may not import unless configured otherwise
+/// (`Python:BlockedModules`): I/O, processes, FFI and networking.
+pub const DEFAULT_BLOCKED_MODULES: &[&str] = &[
+    "os",
+    "posix",
+    "nt",
+    "subprocess",
+    "_posixsubprocess",
+    "pty",
+    "tty",
+    "termios",
+    "shutil",
+    "tempfile",
+    "pathlib",
+    "glob",
+    "fileinput",
+    "io",
+    "_io",
+    "socket",
+    "_socket",
+    "select",
+    "selectors",
+    "ssl",
+    "_ssl",
+    "http",
+    "urllib",
+    "ftplib",
+    "smtplib",
+    "poplib",
+    "imaplib",
+    "telnetlib",
+    "xmlrpc",
+    "socketserver",
+    "requests",
+    "asyncio",
+    "multiprocessing",
+    "_multiprocessing",
+    "concurrent",
+    "threading",
+    "_thread",
+    "ctypes",
+    "_ctypes",
+    "cffi",
+    "mmap",
+    "signal",
+    "_signal",
+    "fcntl",
+    "resource",
+    "importlib",
+    "imp",
+    "pickle",
+    "_pickle",
+    "marshal",
+    "shelve",
+    "dbm",
+    "sqlite3",
+    "code",
+    "codeop",
+    "pdb",
+    "webbrowser",
+    "sys",
+    "gc",
+    "inspect",
+    "builtins",
+    "pwd",
+    "grp",
+    "_posixshmem",
+    "zipimport",
+    "runpy",
+    "pkgutil",
+];
 
 #[derive(Debug, Clone)]
 pub struct PythonConfig {
     pub interpreter: Interpreter,
+    /// `Python:Sandbox`.
+    pub sandbox: SandboxMode,
+    /// The binary that runs the sandbox launcher (the service's own); with
+    /// `None` children start without the OS layer (engine unit tests).
+    pub launcher: Option<PathBuf>,
+    /// `Python:BlockedModules`.
+    pub blocked_modules: Vec<String>,
+    /// `Python:AllowedPackages`: third-party top-level packages workers may import.
+    pub allowed_packages: Vec<String>,
+    /// `Python:MemoryLimitMb`, as bytes of address space per child.
+    pub memory_limit_bytes: u64,
+    /// `Python:CpuLimitSeconds`: CPU time per child before it is killed and restarted.
+    pub cpu_limit_seconds: u64,
+    /// Largest number of open files per child.
+    pub open_files: u64,
+    /// Worker output (print/stderr) lines logged per second before lines are dropped.
+    pub log_lines_per_second: u32,
     /// `Python:ExecutionTimeoutSeconds`: per message, and for loading code.
     pub execution_timeout: Duration,
     /// `Python:PingIntervalSeconds`.
@@ -35,6 +129,17 @@ impl PythonConfig {
     pub fn new(interpreter: Interpreter) -> Self {
         Self {
             interpreter,
+            sandbox: SandboxMode::Standard,
+            launcher: None,
+            blocked_modules: DEFAULT_BLOCKED_MODULES
+                .iter()
+                .map(|m| m.to_string())
+                .collect(),
+            allowed_packages: Vec::new(),
+            memory_limit_bytes: 1024 * 1024 * 1024,
+            cpu_limit_seconds: 3600,
+            open_files: 64,
+            log_lines_per_second: 50,
             execution_timeout: Duration::from_secs(30),
             ping_interval: Duration::from_secs(10),
             max_result_bytes: 4 * 1024 * 1024,
@@ -44,9 +149,11 @@ impl PythonConfig {
     }
 }
 
-const PROBE: &str = "import json, site, sys\n\
-print(json.dumps({'executable': sys.executable, 'version': '%d.%d.%d' % sys.version_info[:3], \
-'ok': sys.version_info >= (3, 9), 'site': site.getsitepackages()}))";
+const PROBE: &str = "import json, os, site, sys\n\
+print(json.dumps({'executable': os.path.realpath(sys.executable), \
+'version': '%d.%d.%d' % sys.version_info[:3], 'ok': sys.version_info >= (3, 9), \
+'site': site.getsitepackages(), \
+'prefixes': sorted({sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix})}))";
 
 /// Resolves `configured` (e.g. "python3") to the real interpreter, checks that
 /// it is Python 3.9 or newer, and finds its site-packages directories.
@@ -72,6 +179,7 @@ pub async fn resolve_interpreter(configured: &str) -> Result<Interpreter, String
         version: String,
         ok: bool,
         site: Vec<String>,
+        prefixes: Vec<String>,
     }
     let probe: Probe = serde_json::from_slice(&out.stdout)
         .map_err(|_| format!("the Python interpreter {configured:?} gave an unexpected answer"))?;
@@ -90,5 +198,6 @@ pub async fn resolve_interpreter(configured: &str) -> Result<Interpreter, String
         executable,
         version: probe.version,
         site_packages: probe.site.into_iter().map(PathBuf::from).collect(),
+        prefixes: probe.prefixes.into_iter().map(PathBuf::from).collect(),
     })
 }

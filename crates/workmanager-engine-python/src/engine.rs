@@ -12,8 +12,9 @@ use workmanager_core::{
     CloudEvent, Engine, EngineError, EngineInfo, LoadSpec, LoadedWorker, Metrics,
 };
 
-use crate::child::{CallError, ChildProc, Wire};
+use crate::child::{CallError, ChildProc, LaunchPlan, Wire};
 use crate::config::PythonConfig;
+use crate::sandbox::{Applied, SandboxMode};
 use crate::MIME_TYPE;
 
 /// Answers to pings must come within this time (or the ping interval, if shorter).
@@ -27,28 +28,122 @@ const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 pub struct PythonEngine {
     cfg: Arc<PythonConfig>,
     metrics: Arc<Metrics>,
+    plan: Arc<LaunchPlan>,
+    /// The children's empty, read-only working directory; removed with the engine.
+    _workdir: tempfile::TempDir,
+    /// What the start-up probe found: the isolation actually applied, and in
+    /// strict mode the reason children are refused.
+    state: Mutex<ProbeState>,
+}
+
+#[derive(Default)]
+struct ProbeState {
+    isolation: String,
+    refusal: Option<String>,
 }
 
 impl PythonEngine {
-    pub fn new(cfg: PythonConfig, metrics: Arc<Metrics>) -> Self {
-        Self {
+    pub fn new(cfg: PythonConfig, metrics: Arc<Metrics>) -> Result<Self, String> {
+        let workdir = tempfile::Builder::new()
+            .prefix("workmanager-python-")
+            .tempdir()
+            .map_err(|e| format!("cannot create the Python workers' working directory: {e}"))?;
+        set_read_only(workdir.path())?;
+        let plan = LaunchPlan::new(&cfg, workdir.path())?;
+        let isolation = if cfg.sandbox == SandboxMode::Off || cfg.launcher.is_none() {
+            "process".to_string()
+        } else {
+            "unprobed".to_string()
+        };
+        Ok(Self {
             cfg: Arc::new(cfg),
             metrics,
-        }
+            plan: Arc::new(plan),
+            _workdir: workdir,
+            state: Mutex::new(ProbeState {
+                isolation,
+                refusal: None,
+            }),
+        })
     }
+
+    /// Starts one child with trivial code and reads back which sandbox layers
+    /// applied. Sets the isolation `ListEngines` reports; in strict mode, a
+    /// missing layer makes the engine refuse every worker. Returns the report.
+    pub async fn probe(&self) -> Result<Applied, String> {
+        let mut child =
+            ChildProc::spawn(&self.plan, "sandbox-probe", self.cfg.log_lines_per_second)?;
+        let line = b"{\"op\":\"load\",\"code\":\"def Process(event):\\n    return None\\n\"}\n";
+        let answer = child
+            .request(line, self.cfg.execution_timeout, self.cfg.max_result_bytes)
+            .await;
+        let applied = match answer {
+            Ok(Wire::Ready { sandbox }) => sandbox.unwrap_or_else(Applied::off),
+            Ok(other) => return Err(format!("unexpected answer from the probe child: {other:?}")),
+            Err(_) => {
+                let status = child.exit_description().await;
+                let reason = format!(
+                    "the sandboxed Python probe exited ({status}); see the preceding 'sandbox:' log lines"
+                );
+                let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                state.isolation = "unavailable".into();
+                if self.cfg.sandbox == SandboxMode::Strict {
+                    state.refusal = Some(format!("Python:Sandbox=strict and {reason}"));
+                }
+                return Err(reason);
+            }
+        };
+        child.shutdown(SHUTDOWN_GRACE).await;
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.isolation = applied.describe();
+        let missing = applied.missing();
+        if self.cfg.sandbox == SandboxMode::Strict && !missing.is_empty() {
+            state.refusal = Some(format!(
+                "Python:Sandbox=strict refuses to run Python workers: not applied on this host: {}",
+                missing.join(", ")
+            ));
+        }
+        Ok(applied)
+    }
+}
+
+#[cfg(unix)]
+fn set_read_only(dir: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o555))
+        .map_err(|e| format!("cannot make {} read-only: {e}", dir.display()))
+}
+
+#[cfg(not(unix))]
+fn set_read_only(_dir: &std::path::Path) -> Result<(), String> {
+    Ok(())
 }
 
 #[async_trait]
 impl Engine for PythonEngine {
     fn info(&self) -> EngineInfo {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         EngineInfo {
             mime_type: MIME_TYPE.into(),
             language: "Python".into(),
-            isolation: "process".into(),
+            isolation: format!(
+                "{} (sandbox {})",
+                state.isolation,
+                self.cfg.sandbox.as_str()
+            ),
         }
     }
 
     async fn load(&self, spec: LoadSpec) -> Result<Arc<dyn LoadedWorker>, EngineError> {
+        if let Some(refusal) = self
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .refusal
+            .clone()
+        {
+            return Err(EngineError::Internal(refusal));
+        }
         let code = std::str::from_utf8(&spec.code)
             .map_err(|e| EngineError::Load(format!("the code is not valid UTF-8: {e}")))?;
         let mut load_line = serde_json::to_vec(&serde_json::json!({"op": "load", "code": code}))
@@ -56,6 +151,7 @@ impl Engine for PythonEngine {
         load_line.push(b'\n');
         let shared = Arc::new(Shared {
             cfg: self.cfg.clone(),
+            plan: self.plan.clone(),
             metrics: self.metrics.clone(),
             worker_id: spec.worker_id.to_string(),
             load_line,
@@ -86,6 +182,7 @@ struct Slot {
 
 struct Shared {
     cfg: Arc<PythonConfig>,
+    plan: Arc<LaunchPlan>,
     metrics: Arc<Metrics>,
     worker_id: String,
     /// The `load` message, serialised once.
@@ -103,7 +200,8 @@ impl Shared {
     /// Spawns a child and loads the code into it.
     async fn start_child(&self) -> Result<ChildProc, EngineError> {
         let mut child =
-            ChildProc::spawn(&self.cfg, &self.worker_id).map_err(EngineError::Internal)?;
+            ChildProc::spawn(&self.plan, &self.worker_id, self.cfg.log_lines_per_second)
+                .map_err(EngineError::Internal)?;
         match child
             .request(
                 &self.load_line,
@@ -112,7 +210,7 @@ impl Shared {
             )
             .await
         {
-            Ok(Wire::Ready) => Ok(child),
+            Ok(Wire::Ready { .. }) => Ok(child),
             Ok(Wire::Error {
                 error_type,
                 message,

@@ -6,9 +6,11 @@
 mod child;
 mod config;
 mod engine;
+pub mod sandbox;
 
-pub use config::{resolve_interpreter, Interpreter, PythonConfig};
+pub use config::{resolve_interpreter, Interpreter, PythonConfig, DEFAULT_BLOCKED_MODULES};
 pub use engine::PythonEngine;
+pub use sandbox::{Applied, SandboxMode, LAUNCHER_ARG};
 
 /// The MIME type this engine serves.
 pub const MIME_TYPE: &str = "text/x-python";

@@ -15,7 +15,7 @@ async fn engine_with(f: impl FnOnce(&mut PythonConfig)) -> PythonEngine {
         .expect("python3 must be installed for these tests");
     let mut cfg = PythonConfig::new(interpreter);
     f(&mut cfg);
-    PythonEngine::new(cfg, Arc::new(Metrics::new()))
+    PythonEngine::new(cfg, Arc::new(Metrics::new())).expect("engine")
 }
 
 async fn load(engine: &PythonEngine, code: &str) -> Result<Arc<dyn LoadedWorker>, EngineError> {
@@ -173,7 +173,9 @@ async fn a_crash_restarts_and_a_crash_loop_fails_the_worker() {
 
 #[tokio::test]
 async fn print_does_not_corrupt_the_channel() {
-    let e = engine_with(|_| {}).await;
+    // The block list (which refuses `sys`) is bypassable by design; the
+    // protocol must hold even for code that reaches the real streams.
+    let e = engine_with(|c| c.blocked_modules.clear()).await;
     let w = load(
         &e,
         "import sys\ndef Process(event):\n    print('{\"op\":\"result\",\"id\":999,\"event\":null}')\n    \
@@ -210,7 +212,11 @@ async fn oversized_results_are_refused() {
 
 #[tokio::test]
 async fn installed_packages_import_without_the_site_module() {
-    let e = engine_with(|_| {}).await;
+    let e = engine_with(|c| {
+        c.blocked_modules.clear();
+        c.allowed_packages = vec!["pip".into()];
+    })
+    .await;
     // pip lives in site-packages of every CPython install with pip; children
     // run with -S, so it is importable only through the paths the host passes.
     let w = load(

@@ -75,6 +75,11 @@ pub struct Settings {
     pub python_blocked_modules: Option<Vec<String>>,
     pub python_allowed_packages: Vec<String>,
     pub python_execution_timeout: Duration,
+    pub python_sandbox: workmanager_engine_python::SandboxMode,
+    pub python_max_result_bytes: usize,
+    pub python_memory_limit_bytes: u64,
+    pub python_cpu_limit_seconds: u64,
+    pub python_log_lines_per_second: u32,
     pub python_ping_interval: Duration,
     pub worker_retry_attempts: u32,
     pub worker_retry_base_delay: Duration,
@@ -357,6 +362,28 @@ pub fn settings(layers: &Layers) -> Result<Settings, Vec<String>> {
         Duration::from_secs(r.int("Python:ExecutionTimeoutSeconds", 30, 1, 3600));
     let python_ping_interval =
         Duration::from_secs(r.int("Python:PingIntervalSeconds", 10, 1, 3600));
+    let python_sandbox = {
+        use workmanager_engine_python::SandboxMode as M;
+        r.choice(
+            "Python:Sandbox",
+            M::Standard,
+            &[
+                ("strict", M::Strict),
+                ("standard", M::Standard),
+                ("off", M::Off),
+            ],
+        )
+    };
+    let python_max_result_bytes = r.int(
+        "Python:MaxResultBytes",
+        4 * 1024 * 1024,
+        1024,
+        256 * 1024 * 1024,
+    ) as usize;
+    let python_memory_limit_bytes =
+        r.int("Python:MemoryLimitMb", 1024, 64, 1024 * 1024) * 1024 * 1024;
+    let python_cpu_limit_seconds = r.int("Python:CpuLimitSeconds", 3600, 1, 31_536_000);
+    let python_log_lines_per_second = r.int("Python:LogLinesPerSecond", 50, 1, 100_000) as u32;
     let worker_retry_attempts = r.int("Worker:RetryAttempts", 3, 0, 20) as u32;
     let worker_retry_base_delay =
         Duration::from_millis(r.int("Worker:RetryBaseDelayMs", 200, 1, 60_000));
@@ -402,6 +429,11 @@ pub fn settings(layers: &Layers) -> Result<Settings, Vec<String>> {
             python_blocked_modules,
             python_allowed_packages,
             python_execution_timeout,
+            python_sandbox,
+            python_max_result_bytes,
+            python_memory_limit_bytes,
+            python_cpu_limit_seconds,
+            python_log_lines_per_second,
             python_ping_interval,
             worker_retry_attempts,
             worker_retry_base_delay,

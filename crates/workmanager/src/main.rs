@@ -73,6 +73,20 @@ struct ServeArgs {
 }
 
 fn main() -> ExitCode {
+    // The sandbox launcher: a fresh single-threaded process that confines
+    // itself and execs the Python interpreter (see the engine's sandbox.rs).
+    let mut args = std::env::args_os();
+    if args.nth(1).as_deref()
+        == Some(std::ffi::OsStr::new(
+            workmanager_engine_python::LAUNCHER_ARG,
+        ))
+    {
+        let spec = args
+            .next()
+            .and_then(|s| s.into_string().ok())
+            .unwrap_or_default();
+        return workmanager_engine_python::sandbox::launcher_main(&spec);
+    }
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

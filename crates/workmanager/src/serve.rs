@@ -9,7 +9,7 @@ use tokio::net::TcpListener;
 use workmanager_api::server::{serve, ServeOptions};
 use workmanager_backends::EmbeddedStore;
 use workmanager_core::{DisabledFetcher, EngineRegistry, Manager, ManagerSettings, Metrics};
-use workmanager_engine_python::{resolve_interpreter, PythonConfig, PythonEngine};
+use workmanager_engine_python::{resolve_interpreter, PythonConfig, PythonEngine, SandboxMode};
 
 use crate::config::Settings;
 
@@ -72,24 +72,50 @@ pub async fn run(settings: Settings, port_file: Option<PathBuf>) -> Result<()> {
 
 async fn build_engines(settings: &Settings, metrics: &Arc<Metrics>) -> Result<EngineRegistry> {
     let mut engines = EngineRegistry::default();
-    match resolve_interpreter(&settings.python_executable).await {
-        Ok(interpreter) => {
-            tracing::info!(
-                interpreter = %interpreter.executable.display(),
-                version = %interpreter.version,
-                "Python engine ready"
-            );
-            let mut cfg = PythonConfig::new(interpreter);
-            cfg.execution_timeout = settings.python_execution_timeout;
-            cfg.ping_interval = settings.python_ping_interval;
-            engines
-                .register(Arc::new(PythonEngine::new(cfg, metrics.clone())))
-                .map_err(|e| anyhow!(e))?;
-        }
+    let interpreter = match resolve_interpreter(&settings.python_executable).await {
+        Ok(i) => i,
         Err(e) => {
-            tracing::error!(error = %e, "the Python engine is unavailable; text/x-python workers cannot run")
+            tracing::error!(error = %e, "the Python engine is unavailable; text/x-python workers cannot run");
+            return Ok(engines);
         }
+    };
+    tracing::info!(
+        interpreter = %interpreter.executable.display(),
+        version = %interpreter.version,
+        "Python interpreter found"
+    );
+    let mut cfg = PythonConfig::new(interpreter);
+    cfg.execution_timeout = settings.python_execution_timeout;
+    cfg.ping_interval = settings.python_ping_interval;
+    cfg.sandbox = settings.python_sandbox;
+    cfg.launcher = Some(std::env::current_exe().context("cannot find the service's own binary")?);
+    if let Some(blocked) = &settings.python_blocked_modules {
+        cfg.blocked_modules = blocked.clone();
     }
+    cfg.allowed_packages = settings.python_allowed_packages.clone();
+    cfg.max_result_bytes = settings.python_max_result_bytes;
+    cfg.memory_limit_bytes = settings.python_memory_limit_bytes;
+    cfg.cpu_limit_seconds = settings.python_cpu_limit_seconds;
+    cfg.log_lines_per_second = settings.python_log_lines_per_second;
+    let engine = PythonEngine::new(cfg, metrics.clone()).map_err(|e| anyhow!(e))?;
+    match (settings.python_sandbox, engine.probe().await) {
+        (SandboxMode::Off, _) => tracing::warn!(
+            "Python:Sandbox=off: worker code runs WITHOUT the OS sandbox; use this for development only"
+        ),
+        (mode, Ok(applied)) if applied.missing().is_empty() => tracing::info!(
+            sandbox = mode.as_str(),
+            isolation = %applied.describe(),
+            "Python sandbox fully applied"
+        ),
+        (mode, Ok(applied)) => tracing::warn!(
+            sandbox = mode.as_str(),
+            isolation = %applied.describe(),
+            missing = %applied.missing().join(", "),
+            "Python sandbox partly applied"
+        ),
+        (mode, Err(e)) => tracing::error!(sandbox = mode.as_str(), error = %e, "Python sandbox probe failed"),
+    }
+    engines.register(Arc::new(engine)).map_err(|e| anyhow!(e))?;
     Ok(engines)
 }
 
