@@ -29,10 +29,15 @@ pub(crate) enum Wire {
     },
     Pong,
     Result {
+        /// Must echo the request's id: a line with another id was forged by
+        /// the worker (or is stale) and desynchronises nothing.
+        id: u64,
         #[serde(default)]
         event: Option<Value>,
     },
     Error {
+        #[serde(default)]
+        id: Option<u64>,
         error_type: String,
         message: String,
         #[serde(default)]

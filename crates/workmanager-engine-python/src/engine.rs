@@ -215,6 +215,7 @@ impl Shared {
                 error_type,
                 message,
                 traceback,
+                ..
             }) => Err(EngineError::Load(describe_load_error(
                 &error_type,
                 &message,
@@ -312,15 +313,16 @@ impl Shared {
             .request(&line, timeout, self.cfg.max_result_bytes)
             .await
         {
-            Ok(Wire::Result { event }) => {
+            Ok(Wire::Result { id: got, event }) if got == id => {
                 slot.consecutive_crashes = 0;
                 Ok(event)
             }
             Ok(Wire::Error {
+                id: Some(got),
                 error_type,
                 message,
                 traceback,
-            }) => {
+            }) if got == id => {
                 slot.consecutive_crashes = 0;
                 if error_type == "BadResult" {
                     Err(EngineError::BadOutput(message))
@@ -332,11 +334,13 @@ impl Shared {
                     })
                 }
             }
-            Ok(other) => {
+            Ok(_) => {
+                // A forged or stale line: the channel cannot be trusted any
+                // more, so the child is killed and restarts on the next message.
                 slot.child = None;
-                Err(EngineError::Internal(format!(
-                    "unexpected answer to process: {other:?}"
-                )))
+                Err(EngineError::BadOutput(
+                    "the worker wrote to the protocol channel out of turn; its process was restarted".into(),
+                ))
             }
             Err(CallError::Timeout) => {
                 tracing::warn!(worker_id = %self.worker_id, "message timed out; killing the Python process");
@@ -352,8 +356,8 @@ impl Shared {
             }
             Err(CallError::Protocol(e)) => {
                 slot.child = None;
-                Err(EngineError::Internal(format!(
-                    "the Python process broke the protocol: {e}"
+                Err(EngineError::BadOutput(format!(
+                    "the worker corrupted the protocol channel ({e}); its process was restarted"
                 )))
             }
             Err(CallError::Gone) => {

@@ -121,6 +121,10 @@ impl Service {
             .max_encoding_message_size(64 << 20)
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILL: no chance to clean up.
     pub fn kill9(&mut self) {
         let _ = self.child.kill();

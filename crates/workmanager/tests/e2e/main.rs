@@ -8,3 +8,4 @@ mod grpc;
 mod logging;
 mod rest;
 mod restart;
+mod sandbox;
