@@ -143,6 +143,7 @@ async fn health(State(s): State<AppState>) -> Response {
             "statestore": check(store_status, store_desc),
             "pubsub": check("Healthy", "no message bus configured in this build"),
             "circuit": check("Healthy", "closed"),
+            "sandbox": sandbox_check(s.manager()),
         }
     });
     let code = if overall == "Unhealthy" {
@@ -151,6 +152,23 @@ async fn health(State(s): State<AppState>) -> Response {
         StatusCode::OK
     };
     (code, Json(body)).into_response()
+}
+
+/// The isolation each engine actually applies (from its start-up probe);
+/// Degraded when an engine runs with less than its full sandbox.
+fn sandbox_check(manager: &Manager) -> Value {
+    let engines = manager.engines();
+    let description = engines
+        .iter()
+        .map(|e| format!("{}: {}", e.mime_type, e.isolation))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let degraded = engines.iter().any(|e| {
+        e.isolation.contains("unavailable")
+            || e.isolation.contains("partial")
+            || e.isolation.contains("sandbox off")
+    });
+    check(if degraded { "Degraded" } else { "Healthy" }, description)
 }
 
 async fn live() -> Json<Value> {

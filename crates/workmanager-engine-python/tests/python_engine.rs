@@ -230,3 +230,19 @@ async fn installed_packages_import_without_the_site_module() {
         json!([false, "pip"])
     );
 }
+
+#[tokio::test]
+async fn strict_mode_refuses_workers_when_a_layer_is_missing() {
+    // No launcher binary here, so no OS layer can apply.
+    let e = engine_with(|c| c.sandbox = workmanager_engine_python::SandboxMode::Strict).await;
+    let applied = e.probe().await.unwrap();
+    assert!(!applied.missing().is_empty());
+    let err = load(&e, "def Process(event):\n    return None\n")
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        matches!(&err, EngineError::Internal(m) if m.contains("strict")),
+        "{err:?}"
+    );
+}

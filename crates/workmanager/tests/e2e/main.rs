@@ -9,3 +9,4 @@ mod logging;
 mod rest;
 mod restart;
 mod sandbox;
+mod sandbox_seed;
