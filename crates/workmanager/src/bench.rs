@@ -2,7 +2,9 @@
 //! measures, in one run and the same CPU placement (nothing pinned):
 //! InvokeWorker round trips of a no-op Python worker over gRPC next to a bare
 //! `python3 -E -s -u` JSON-lines echo child driven directly (the limit),
-//! create-to-first-result cold start, and idle memory. Prints Markdown.
+//! create-to-first-result cold start, and idle memory; and the cost of the
+//! Python sandbox, against a second service with `Python:Sandbox=off`.
+//! Prints Markdown.
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -68,6 +70,10 @@ fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1e3)
 }
 
+fn ms_signed(seconds: f64) -> String {
+    format!("{:+.1} ms", seconds * 1e3)
+}
+
 fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
@@ -124,6 +130,57 @@ impl Bare {
     }
 }
 
+/// One service under test, with its own state directory.
+struct Bench {
+    child: tokio::process::Child,
+    pid: u32,
+    client: WorkManagerClient<Channel>,
+    _dir: tempfile::TempDir,
+}
+
+impl Bench {
+    async fn start(python: &Path, sandbox: &str) -> Result<Bench> {
+        let dir = tempfile::tempdir()?;
+        let port_file = dir.path().join("ports.json");
+        let child = tokio::process::Command::new(std::env::current_exe()?)
+            .arg("serve")
+            .args([
+                "--http-port",
+                "0",
+                "--grpc-port",
+                "0",
+                "--log-level",
+                "Warning",
+            ])
+            .arg("--state-path")
+            .arg(dir.path().join("state.redb"))
+            .arg("--port-file")
+            .arg(&port_file)
+            .args(["--set", "Recovery:OnStart=false"])
+            .args(["--set", &format!("Python:Executable={}", python.display())])
+            .args(["--set", &format!("Python:Sandbox={sandbox}")])
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting the service")?;
+        let pid = child
+            .id()
+            .ok_or_else(|| anyhow!("the service exited at once"))?;
+        let client = connect(wait_port(&port_file).await?).await?;
+        Ok(Bench {
+            child,
+            pid,
+            client,
+            _dir: dir,
+        })
+    }
+
+    async fn stop(mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
+}
+
 pub async fn run(args: BenchArgs) -> Result<()> {
     if args.iterations == 0 || args.cold_starts == 0 {
         bail!("--iterations and --cold-starts must be at least 1");
@@ -132,41 +189,11 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         .await
         .map_err(|e| anyhow!(e))?;
     let (python, version) = (interpreter.executable, interpreter.version);
-    let dir = tempfile::tempdir()?;
-    let port_file = dir.path().join("ports.json");
-    let exe = std::env::current_exe()?;
-    let mut service = tokio::process::Command::new(exe)
-        .arg("serve")
-        .args([
-            "--http-port",
-            "0",
-            "--grpc-port",
-            "0",
-            "--log-level",
-            "Warning",
-        ])
-        .arg("--state-path")
-        .arg(dir.path().join("state.redb"))
-        .arg("--port-file")
-        .arg(&port_file)
-        .args([
-            "--set",
-            "Recovery:OnStart=false",
-            "--set",
-            &format!("Python:Executable={}", python.display()),
-        ])
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting the service")?;
-    let service_pid = service
-        .id()
-        .ok_or_else(|| anyhow!("the service exited at once"))?;
-    let grpc_port = wait_port(&port_file).await?;
-    let mut client = connect(grpc_port).await?;
-    let result = measure(&args, &python, &version, &mut client, service_pid).await;
-    let _ = service.start_kill();
-    let _ = service.wait().await;
+    let mut standard = Bench::start(&python, "standard").await?;
+    let mut off = Bench::start(&python, "off").await?;
+    let result = measure(&args, &python, &version, &mut standard, &mut off.client).await;
+    standard.stop().await;
+    off.stop().await;
     result
 }
 
@@ -214,9 +241,11 @@ async fn measure(
     args: &BenchArgs,
     python: &Path,
     version: &str,
-    c: &mut WorkManagerClient<Channel>,
-    service_pid: u32,
+    standard: &mut Bench,
+    off: &mut WorkManagerClient<Channel>,
 ) -> Result<()> {
+    let service_pid = standard.pid;
+    let c = &mut standard.client;
     let event = CloudEvent::from_input(serde_json::json!({
         "specversion": "1.0", "id": "bench-1", "source": "urn:bench", "type": "bench.in",
         "datacontenttype": "application/json", "data": payload(),
@@ -234,13 +263,17 @@ async fn measure(
         publish: false,
     };
     let (noop_req, echo_req) = (req(&noop), req(&echo));
+    let off_noop = create(off, NOOP, true).await?;
+    let off_req = req(&off_noop);
     let mut bare = Bare::start(python).await?;
     for _ in 0..200 {
         bare.round_trip(&bare_line).await?;
         invoke(c, &noop_req).await?;
         invoke(c, &echo_req).await?;
+        invoke(off, &off_req).await?;
     }
     let (mut t_bare, mut t_noop, mut t_echo) = (Vec::new(), Vec::new(), Vec::new());
+    let mut t_noop_off = Vec::new();
     let block = 100;
     while t_bare.len() < args.iterations {
         for _ in 0..block {
@@ -257,6 +290,11 @@ async fn measure(
             let t = Instant::now();
             invoke(c, &echo_req).await?;
             t_echo.push(t.elapsed());
+        }
+        for _ in 0..block {
+            let t = Instant::now();
+            invoke(off, &off_req).await?;
+            t_noop_off.push(t.elapsed());
         }
     }
     let bare_rss = bare.child.id().and_then(rss_kib);
@@ -279,6 +317,7 @@ async fn measure(
 
     // Cold start: create (content, start=true) → first result; bare: spawn → first answer.
     let mut t_cold = Vec::new();
+    let mut t_cold_off = Vec::new();
     let mut t_bare_cold = Vec::new();
     for _ in 0..args.cold_starts {
         let t = Instant::now();
@@ -291,6 +330,11 @@ async fn measure(
         invoke(c, &req(&id)).await?;
         t_cold.push(t.elapsed());
         c.delete_worker(pb::DeleteWorkerRequest { id }).await?;
+        let t = Instant::now();
+        let id = create(off, ECHO_WORKER, true).await?;
+        invoke(off, &req(&id)).await?;
+        t_cold_off.push(t.elapsed());
+        off.delete_worker(pb::DeleteWorkerRequest { id }).await?;
     }
 
     // Service memory with 0 and N idle workers (children not counted).
@@ -304,6 +348,7 @@ async fn measure(
 
     let (b, n, e) = (stats(t_bare), stats(t_noop), stats(t_echo));
     let (cold, bare_cold) = (stats(t_cold), stats(t_bare_cold));
+    let (n_off, cold_off) = (stats(t_noop_off), stats(t_cold_off));
     let kib = |v: Option<u64>| {
         v.map(|k| format!("{:.1} MB", k as f64 / 1024.0))
             .unwrap_or_else(|| "n/a".into())
@@ -335,6 +380,12 @@ async fn measure(
         us(e.mean)
     );
     println!(
+        "| InvokeWorker (gRPC), no-op worker, `Python:Sandbox=off` | {} | {} | {} |",
+        us(n_off.p50),
+        us(n_off.p99),
+        us(n_off.mean)
+    );
+    println!(
         "| bare child spawn → first answer | {} | {} | {} |",
         ms(bare_cold.p50),
         ms(bare_cold.p99),
@@ -346,7 +397,18 @@ async fn measure(
         ms(cold.p99),
         ms(cold.mean)
     );
+    println!(
+        "| CreateWorker → first result, `Python:Sandbox=off` | {} | {} | {} |",
+        ms(cold_off.p50),
+        ms(cold_off.p99),
+        ms(cold_off.mean)
+    );
     println!();
+    println!(
+        "Sandbox (standard vs off, same run): start {} at p50; round trip {:+.1}% at p50.\n",
+        ms_signed(cold.p50.as_secs_f64() - cold_off.p50.as_secs_f64()),
+        (n.p50.as_secs_f64() / n_off.p50.as_secs_f64() - 1.0) * 100.0
+    );
     println!(
         "No-op InvokeWorker p50 − bare pipe p50 = {}; ratio {:.2}×.\n",
         us(n.p50.saturating_sub(b.p50)),
