@@ -98,6 +98,14 @@ impl IntoResponse for ApiError {
             "message": self.message,
             "correlationId": self.correlation_id,
         });
-        (self.status, axum::Json(body)).into_response()
+        let mut resp = (self.status, axum::Json(body)).into_response();
+        if self.status == http::StatusCode::SERVICE_UNAVAILABLE {
+            // Backpressure and unavailable backends are worth a retry.
+            resp.headers_mut().insert(
+                http::header::RETRY_AFTER,
+                http::HeaderValue::from_static("1"),
+            );
+        }
+        resp
     }
 }

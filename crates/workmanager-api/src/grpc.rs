@@ -4,7 +4,11 @@
 use std::pin::Pin;
 
 use futures::Stream;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
+use workmanager_core::dispatch::LIFECYCLE_TOPIC;
 use workmanager_core::{CodeInput, Manager, RequestContext};
 
 use crate::convert::{
@@ -276,27 +280,60 @@ impl WorkManager for WorkManagerService {
 
     async fn publish(
         &self,
-        _req: Request<pb::PublishRequest>,
+        req: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
-        Err(no_bus())
+        let r = req.into_inner();
+        let event = r.event.ok_or_else(|| {
+            Status::invalid_argument("event is missing; send the CloudEvent to publish")
+        })?;
+        let event = event_from_proto(event)?;
+        self.manager
+            .publish(&r.topic, event)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::PublishResponse {}))
     }
 
     type SubscribeStream = EventStream<pb::CloudEventMessage>;
 
     async fn subscribe(
         &self,
-        _req: Request<pb::SubscribeRequest>,
+        req: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        Err(no_bus())
+        let topic = req.into_inner().topic;
+        let rx = self.manager.watch(&topic).map_err(status)?;
+        let stream = BroadcastStream::new(rx).filter_map(move |item| match item {
+            Ok(e) => Some(Ok(pb::CloudEventMessage { topic: topic.clone(), event: Some(event_to_proto(&e)) })),
+            Err(BroadcastStreamRecvError::Lagged(n)) => {
+                tracing::warn!(topic = %topic, skipped = n, "a subscriber fell behind; events skipped");
+                None
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     type WatchWorkersStream = EventStream<pb::WorkerEvent>;
 
     async fn watch_workers(
         &self,
-        _req: Request<pb::WatchWorkersRequest>,
+        req: Request<pb::WatchWorkersRequest>,
     ) -> Result<Response<Self::WatchWorkersStream>, Status> {
-        Err(no_bus())
+        let only = req.into_inner().worker_id;
+        let rx = self.manager.watch(LIFECYCLE_TOPIC).map_err(status)?;
+        let stream = BroadcastStream::new(rx).filter_map(move |item| {
+            let e = item.ok()?;
+            let worker_id = e.0.get("data")?.get("worker_id")?.as_str()?.to_string();
+            if !only.is_empty() && only != worker_id {
+                return None;
+            }
+            let kind = e.get_str("type")?.rsplit('.').next()?.to_string();
+            Some(Ok(pb::WorkerEvent {
+                worker_id,
+                kind,
+                event: Some(event_to_proto(&e)),
+            }))
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 }
 
@@ -318,22 +355,26 @@ impl WorkManagerService {
         }))
     }
 
-    /// InvokeWorker for both APIs, on the JSON form of the event.
+    /// InvokeWorker for both APIs, on the JSON form of the event. With
+    /// `publish`, the output is also routed and published as the message
+    /// path would.
     pub async fn invoke(
         &self,
         id: &str,
         event: workmanager_core::CloudEvent,
         publish: bool,
     ) -> Result<Option<workmanager_core::CloudEvent>, Status> {
-        if publish {
-            return Err(no_bus());
+        let out = self
+            .manager
+            .invoke(id, event.clone())
+            .await
+            .map_err(status)?;
+        if let (true, Some(o)) = (publish, &out) {
+            self.manager
+                .publish_output(&event, o)
+                .await
+                .map_err(status)?;
         }
-        self.manager.invoke(id, event).await.map_err(status)
+        Ok(out)
     }
-}
-
-fn no_bus() -> Status {
-    Status::unimplemented(
-        "topics and publishing are not part of this build yet; InvokeWorker with publish=false runs a worker directly",
-    )
 }

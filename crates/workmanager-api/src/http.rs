@@ -31,20 +31,26 @@ pub struct AppState {
 }
 
 impl AppState {
-    fn manager(&self) -> &Manager {
+    pub(crate) fn manager(&self) -> &Manager {
         self.svc.manager()
     }
 }
 
-type ApiResult<T> = Result<T, ApiError>;
+pub(crate) type ApiResult<T> = Result<T, ApiError>;
 
 pub fn router(
     svc: WorkManagerService,
-    max_body_bytes: usize,
+    opts: &crate::server::ServeOptions,
     inflight: InFlight,
     ready_flag: Arc<AtomicBool>,
 ) -> Router {
+    // Events have their own, smaller body limit: too large is 413.
+    let topics = Router::new()
+        .route("/v1/topics/{topic}", post(crate::topics::publish))
+        .layer(DefaultBodyLimit::max(opts.max_event_bytes))
+        .route("/v1/topics/{topic}/events", get(crate::topics::events));
     Router::new()
+        .merge(topics)
         .route("/health", get(health))
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
@@ -62,7 +68,7 @@ pub fn router(
         .route("/v1/recover", post(recover))
         .route("/v1/engines", get(engines))
         .fallback(not_found)
-        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(DefaultBodyLimit::max(opts.max_message_bytes))
         .layer(CorrelationLayer::new(inflight))
         .with_state(AppState {
             svc,

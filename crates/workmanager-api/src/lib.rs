@@ -14,6 +14,7 @@ pub mod grpc;
 pub mod http;
 mod openapi;
 pub mod server;
+mod topics;
 
 /// Generated protobuf, tonic and proto3-JSON code for the wire contract.
 pub mod pb {

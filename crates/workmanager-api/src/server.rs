@@ -24,6 +24,8 @@ pub struct ServeOptions {
     /// After the shutdown signal, how long requests in flight may take to
     /// finish before connections are closed anyway.
     pub drain_timeout: Duration,
+    /// Largest CloudEvent (or batch) accepted by `POST /v1/topics/{topic}`.
+    pub max_event_bytes: usize,
 }
 
 pub const SERVICE_NAME: &str = "virtufin.WorkManager";
@@ -95,7 +97,7 @@ pub async fn serve(
             let _ = grpc_stop.wait_for(|s| *s).await;
         });
 
-    let router = crate::http::router(svc, opts.max_message_bytes, inflight.clone(), ready);
+    let router = crate::http::router(svc, &opts, inflight.clone(), ready);
     let mut http_stop = stop_rx.clone();
     let http_listener = http.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);

@@ -1,6 +1,8 @@
-//! Backends for the core's `StateStore` (and, later, bus) traits. One module
-//! per backend; the binary picks one from `StateStore:Type`.
+//! Backends for the core's `StateStore` and `Bus` traits. One module per
+//! backend; the binary picks them from `StateStore:Type` and `PubSub:Type`.
 
 pub mod embedded;
+pub mod embedded_bus;
 
 pub use embedded::EmbeddedStore;
+pub use embedded_bus::EmbeddedBus;

@@ -6,6 +6,8 @@
 //! implemented in other crates and chosen by the binary from configuration.
 
 pub mod audit;
+pub mod bus;
+pub mod dispatch;
 pub mod engine;
 pub mod error;
 pub mod event;
@@ -17,6 +19,7 @@ mod recovery;
 pub mod store;
 
 pub use audit::RequestContext;
+pub use bus::{Bus, BusError};
 pub use engine::{Engine, EngineError, EngineInfo, EngineRegistry, LoadSpec, LoadedWorker};
 pub use error::CoreError;
 pub use event::CloudEvent;

@@ -16,6 +16,7 @@ use std::time::Instant;
 use serde_json::Value;
 
 use crate::audit::{self, RequestContext};
+use crate::bus::Bus;
 use crate::engine::{EngineError, EngineInfo, EngineRegistry, LoadSpec, LoadedWorker};
 use crate::error::{CoreError, Result};
 use crate::event::CloudEvent;
@@ -37,6 +38,13 @@ pub struct ManagerSettings {
     /// `CodeSource:MaxBytes`.
     pub max_code_bytes: usize,
     pub recovery: RecoverySettings,
+    /// `Worker:RetryAttempts` and `Worker:RetryBaseDelayMs`: a failing
+    /// message is retried this often, base·2^(attempt-1) apart, before it is
+    /// dead-lettered.
+    pub retry_attempts: u32,
+    pub retry_base_delay: std::time::Duration,
+    /// How long a stopping worker may finish its queued and in-flight messages.
+    pub drain_timeout: std::time::Duration,
 }
 
 /// A validated-on-use create request.
@@ -66,6 +74,10 @@ pub struct Manager {
 
 pub(crate) struct Inner {
     pub(crate) store: Arc<dyn StateStore>,
+    pub(crate) bus: Arc<dyn Bus>,
+    /// Lifecycle events, published in order by one task (see dispatch.rs).
+    pub(crate) lifecycle_tx: tokio::sync::mpsc::Sender<CloudEvent>,
+    pub(crate) lifecycle_rx: Mutex<Option<tokio::sync::mpsc::Receiver<CloudEvent>>>,
     engines: EngineRegistry,
     fetcher: Arc<dyn CodeFetcher>,
     pub(crate) settings: ManagerSettings,
@@ -81,10 +93,14 @@ pub(crate) struct Inner {
 
 /// One hosted worker.
 pub(crate) struct Slot {
-    id: WorkerId,
+    pub(crate) id: WorkerId,
     /// Immutable after create: read on every message without locking.
     config: Arc<BTreeMap<String, String>>,
-    mime_type: String,
+    pub(crate) mime_type: String,
+    pub(crate) topics: Vec<String>,
+    pub(crate) max_concurrency: u32,
+    /// The consumer task while the worker is online.
+    pub(crate) dispatch: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Serialises lifecycle operations on this worker.
     op: tokio::sync::Mutex<()>,
     /// The record and its store version (for CAS writes).
@@ -105,6 +121,9 @@ impl Slot {
             id: record.id.clone(),
             config: Arc::new(record.config.clone()),
             mime_type: record.mime_type.clone(),
+            topics: record.topics.clone(),
+            max_concurrency: record.max_concurrency.max(1),
+            dispatch: tokio::sync::Mutex::new(None),
             op: tokio::sync::Mutex::new(()),
             state: Mutex::new((record, version)),
             engine: RwLock::new(engine),
@@ -117,11 +136,11 @@ impl Slot {
         lock(&self.state).0.clone()
     }
 
-    fn status(&self) -> WorkerStatus {
+    pub(crate) fn status(&self) -> WorkerStatus {
         lock(&self.state).0.status
     }
 
-    fn engine(&self) -> Option<Arc<dyn LoadedWorker>> {
+    pub(crate) fn engine(&self) -> Option<Arc<dyn LoadedWorker>> {
         self.engine
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -151,16 +170,23 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Manager {
+    /// Builds the service. Call `spawn_lifecycle_publisher` and
+    /// `spawn_heartbeat` inside the runtime to start its background tasks.
     pub fn new(
         store: Arc<dyn StateStore>,
+        bus: Arc<dyn Bus>,
         engines: EngineRegistry,
         fetcher: Arc<dyn CodeFetcher>,
         settings: ManagerSettings,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let (lifecycle_tx, lifecycle_rx) = tokio::sync::mpsc::channel(4096);
         Self {
             inner: Arc::new(Inner {
                 store,
+                bus,
+                lifecycle_tx,
+                lifecycle_rx: Mutex::new(Some(lifecycle_rx)),
                 engines,
                 fetcher,
                 settings,
@@ -197,6 +223,13 @@ impl Manager {
                 .collect();
         for slot in self.slots() {
             *counts.entry(slot.status().as_str()).or_default() += 1;
+        }
+        for (worker, depth) in self.queue_depths() {
+            self.inner
+                .metrics
+                .queue_depth
+                .get_or_create(&crate::metrics::WorkerLabels { worker })
+                .set(depth as i64);
         }
         for (status, n) in counts {
             self.inner
@@ -316,6 +349,7 @@ impl Manager {
         self.lifecycle(ctx, &slot, "registered", None);
         if req.start {
             self.lifecycle(ctx, &slot, "starting", None);
+            self.go_online(&slot).await?;
             self.lifecycle(ctx, &slot, "online", None);
         }
         Ok(slot.snapshot())
@@ -525,7 +559,7 @@ impl Manager {
         result.map(|_| slot.snapshot())
     }
 
-    async fn start_locked(&self, ctx: &RequestContext, slot: &Slot) -> Result<()> {
+    async fn start_locked(&self, ctx: &RequestContext, slot: &Arc<Slot>) -> Result<()> {
         if slot.status() == WorkerStatus::Running && slot.engine().is_some() {
             return Ok(());
         }
@@ -546,12 +580,18 @@ impl Manager {
                 }
             }
         }
-        self.update(slot, |r| {
-            r.status = WorkerStatus::Running;
-            r.last_error = None;
-            Ok(())
-        })
-        .await?;
+        self.go_online(slot).await?;
+        if let Err(e) = self
+            .update(slot, |r| {
+                r.status = WorkerStatus::Running;
+                r.last_error = None;
+                Ok(())
+            })
+            .await
+        {
+            self.go_offline(slot).await;
+            return Err(e);
+        }
         self.lifecycle(ctx, slot, "online", None);
         Ok(())
     }
@@ -569,6 +609,7 @@ impl Manager {
             return Ok(());
         }
         self.lifecycle(ctx, slot, "stopping", None);
+        self.go_offline(slot).await;
         self.update(slot, |r| {
             r.status = WorkerStatus::Stopped;
             Ok(())
@@ -661,6 +702,7 @@ impl Manager {
         }
         if slot.status() == WorkerStatus::Running {
             self.lifecycle(ctx, slot, "stopping", None);
+            self.go_offline(slot).await;
             self.lifecycle(ctx, slot, "stopped", None);
         }
         self.persist_delete(&slot.id).await?;
@@ -745,6 +787,16 @@ impl Manager {
     /// complete the output. Returns `None` when the worker returned nothing.
     pub async fn invoke(&self, id: &str, event: CloudEvent) -> Result<Option<CloudEvent>> {
         let slot = self.slot(id)?;
+        self.invoke_slot(&slot, event).await
+    }
+
+    /// The message path's core, shared by `InvokeWorker` and the dispatcher.
+    pub(crate) async fn invoke_slot(
+        &self,
+        slot: &Arc<Slot>,
+        event: CloudEvent,
+    ) -> Result<Option<CloudEvent>> {
+        let slot = slot.clone();
         let engine = match slot.engine() {
             Some(e) => e,
             None => {
@@ -844,6 +896,8 @@ impl Manager {
         if let Some(engine) = slot.set_engine(None) {
             engine.shutdown().await;
         }
+        // Without code, queued messages fail fast to the dead-letter topic.
+        self.go_offline(slot).await;
         let result = self
             .update(slot, |r| {
                 r.status = WorkerStatus::Failed;
@@ -865,10 +919,9 @@ impl Manager {
     /// Disposes every engine (children are asked to exit, then killed).
     /// Persisted state is kept for the next start.
     pub async fn shutdown(&self) {
-        let slots: Vec<Arc<Slot>> = write_map(&self.inner.workers)
-            .drain()
-            .map(|(_, s)| s)
-            .collect();
+        let slots: Vec<Arc<Slot>> = self.slots();
+        futures::future::join_all(slots.iter().map(|s| self.go_offline(s))).await;
+        write_map(&self.inner.workers).clear();
         let engines: Vec<_> = slots.iter().filter_map(|s| s.set_engine(None)).collect();
         futures::future::join_all(engines.iter().map(|e| e.shutdown())).await;
     }
@@ -890,6 +943,8 @@ impl Manager {
 
     /// A worker lifecycle event. Logged as an audit record; publishing it on
     /// `workmanager.lifecycle` belongs to the message bus.
+    /// A worker lifecycle event: logged, and published on
+    /// `workmanager.lifecycle` (best effort, see dispatch.rs).
     pub(crate) fn lifecycle(
         &self,
         ctx: &RequestContext,
@@ -897,15 +952,7 @@ impl Manager {
         kind: &str,
         error: Option<&str>,
     ) {
-        tracing::info!(
-            target: "lifecycle",
-            event = kind,
-            worker_id = %slot.id,
-            mime_type = %slot.mime_type,
-            correlation_id = %ctx.correlation_id,
-            error = error.unwrap_or(""),
-            "worker {kind}"
-        );
+        self.emit_lifecycle(ctx, slot, kind, error.map(|m| ("WorkerFailed", m)));
     }
 }
 

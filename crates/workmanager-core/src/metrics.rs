@@ -24,6 +24,23 @@ pub struct EngineLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MessageLabels {
+    pub topic: String,
+    pub worker: String,
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkerLabels {
+    pub worker: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TopicLabels {
+    pub topic: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OpLabels {
     pub op: String,
 }
@@ -41,6 +58,12 @@ pub struct Metrics {
     pub invocation_seconds: Family<EngineLabels, Histogram, fn() -> Histogram>,
     pub engine_restarts: Family<EngineLabels, Counter>,
     pub store_seconds: Family<OpLabels, Histogram, fn() -> Histogram>,
+    /// Messages by topic, worker and outcome (received, processed, failed, dead_lettered).
+    pub messages: Family<MessageLabels, Counter>,
+    /// Messages waiting for each running worker; refreshed before rendering.
+    pub queue_depth: Family<WorkerLabels, Gauge>,
+    /// Publishes refused because a consumer's queue stayed full.
+    pub backpressure: Family<TopicLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -83,8 +106,29 @@ impl Metrics {
             "State store call latency by operation",
             store_seconds.clone(),
         );
+        let messages = Family::<MessageLabels, Counter>::default();
+        registry.register(
+            "messages",
+            "Messages by topic, worker and outcome",
+            messages.clone(),
+        );
+        let queue_depth = Family::<WorkerLabels, Gauge>::default();
+        registry.register(
+            "queue_depth",
+            "Messages waiting for each running worker",
+            queue_depth.clone(),
+        );
+        let backpressure = Family::<TopicLabels, Counter>::default();
+        registry.register(
+            "backpressure_rejections",
+            "Publishes refused because a consumer stayed behind",
+            backpressure.clone(),
+        );
         Self {
             registry,
+            messages,
+            queue_depth,
+            backpressure,
             workers,
             invocations,
             invocation_seconds,
@@ -111,6 +155,24 @@ impl Metrics {
         self.engine_restarts
             .get_or_create(&EngineLabels {
                 engine: engine.into(),
+            })
+            .inc();
+    }
+
+    pub fn record_message(&self, topic: &str, worker: &str, outcome: &str) {
+        self.messages
+            .get_or_create(&MessageLabels {
+                topic: topic.into(),
+                worker: worker.into(),
+                outcome: outcome.into(),
+            })
+            .inc();
+    }
+
+    pub fn record_backpressure(&self, topic: &str) {
+        self.backpressure
+            .get_or_create(&TopicLabels {
+                topic: topic.into(),
             })
             .inc();
     }

@@ -281,7 +281,12 @@ impl Manager {
         self.insert(slot.clone());
         self.lifecycle(ctx, &slot, "registered", None);
         match status {
-            WorkerStatus::Running => self.lifecycle(ctx, &slot, "online", None),
+            WorkerStatus::Running => match self.go_online(&slot).await {
+                Ok(()) => self.lifecycle(ctx, &slot, "online", None),
+                Err(e) => {
+                    tracing::warn!(worker_id = %id, error = %e, "recovered worker could not subscribe")
+                }
+            },
             WorkerStatus::Failed => self.lifecycle(ctx, &slot, "failed", error.as_deref()),
             WorkerStatus::Stopped => {}
         }

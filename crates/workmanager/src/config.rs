@@ -91,8 +91,14 @@ pub struct Settings {
     pub state_store_path: PathBuf,
     pub instance_id: String,
     /// `Shutdown:DrainTimeoutSeconds`: how long requests in flight may run on
-    /// after SIGTERM.
+    /// after SIGTERM (and a stopping worker may finish its queued messages).
     pub drain_timeout: Duration,
+    /// `Messaging:QueueCapacity`: messages a worker may have waiting.
+    pub queue_capacity: usize,
+    /// `Messaging:PublishTimeoutMs`: how long a publisher waits for room.
+    pub publish_timeout: Duration,
+    /// `Messaging:MaxEventBytes`: largest event accepted over HTTP.
+    pub max_event_bytes: usize,
 }
 
 /// Where a value came from, for error messages.
@@ -410,6 +416,15 @@ pub fn settings(layers: &Layers) -> Result<Settings, Vec<String>> {
     r.choice("PubSub:Type", (), &[("embedded", ())]);
     let state_store_path = PathBuf::from(r.string("StateStore:Path", "./data/state.redb"));
     let drain_timeout = Duration::from_secs(r.int("Shutdown:DrainTimeoutSeconds", 30, 0, 3600));
+    let queue_capacity = r.int("Messaging:QueueCapacity", 1024, 1, 1_000_000) as usize;
+    let publish_timeout =
+        Duration::from_millis(r.int("Messaging:PublishTimeoutMs", 2000, 0, 60_000));
+    let max_event_bytes = r.int(
+        "Messaging:MaxEventBytes",
+        1024 * 1024,
+        1024,
+        64 * 1024 * 1024,
+    ) as usize;
     let instance_id = match layers.get("HOSTNAME") {
         Some(e) if !e.value.trim().is_empty() => e.value.trim().to_string(),
         _ => uuid::Uuid::new_v4().to_string(),
@@ -445,6 +460,9 @@ pub fn settings(layers: &Layers) -> Result<Settings, Vec<String>> {
             state_store_path,
             instance_id,
             drain_timeout,
+            queue_capacity,
+            publish_timeout,
+            max_event_bytes,
         })
     } else {
         Err(r.errors)

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::{anyhow, Context, Result};
 use tokio::net::TcpListener;
 use workmanager_api::server::{serve, ServeOptions};
-use workmanager_backends::EmbeddedStore;
+use workmanager_backends::{EmbeddedBus, EmbeddedStore};
 use workmanager_core::{DisabledFetcher, EngineRegistry, Manager, ManagerSettings, Metrics};
 use workmanager_engine_python::{resolve_interpreter, PythonConfig, PythonEngine, SandboxMode};
 
@@ -22,17 +22,23 @@ pub async fn run(settings: Settings, port_file: Option<PathBuf>) -> Result<()> {
     })?;
     tracing::info!(path = %settings.state_store_path.display(), "embedded state store opened");
 
+    let bus = EmbeddedBus::new(settings.queue_capacity, settings.publish_timeout);
     let manager = Manager::new(
         Arc::new(store),
+        Arc::new(bus),
         engines,
         Arc::new(DisabledFetcher),
         ManagerSettings {
             instance_id: settings.instance_id.clone(),
             max_code_bytes: settings.max_code_bytes,
             recovery: settings.recovery.clone(),
+            retry_attempts: settings.worker_retry_attempts,
+            retry_base_delay: settings.worker_retry_base_delay,
+            drain_timeout: settings.drain_timeout,
         },
         metrics,
     );
+    manager.spawn_lifecycle_publisher();
 
     let http = bind(&settings, settings.http_port, "HttpPort").await?;
     let grpc = bind(&settings, settings.grpc_port, "GrpcPort").await?;
@@ -60,6 +66,7 @@ pub async fn run(settings: Settings, port_file: Option<PathBuf>) -> Result<()> {
             .saturating_mul(2)
             .saturating_add(1 << 20),
         drain_timeout: settings.drain_timeout,
+        max_event_bytes: settings.max_event_bytes,
     };
     serve(manager.clone(), grpc, http, opts, shutdown_signal())
         .await

@@ -314,7 +314,7 @@ async fn hot_reload_lets_in_flight_calls_finish_on_the_old_code() {
 }
 
 #[tokio::test]
-async fn engines_urls_and_messaging_are_honest() {
+async fn engines_and_url_sources_are_honest() {
     let dir = tempfile::tempdir().unwrap();
     let svc = Service::start_ready(dir.path(), &[]).await;
     let mut c = svc.grpc().await;
@@ -355,15 +355,6 @@ async fn engines_urls_and_messaging_are_honest() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-
-    let err = c
-        .publish(pb::PublishRequest {
-            topic: "t".into(),
-            event: Some(event(json!(1))),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::Unimplemented);
 }
 
 #[tokio::test]

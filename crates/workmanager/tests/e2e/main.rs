@@ -6,6 +6,7 @@ mod bad_input;
 mod cli;
 mod grpc;
 mod logging;
+mod messaging;
 mod rest;
 mod restart;
 mod sandbox;

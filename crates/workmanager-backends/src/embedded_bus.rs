@@ -1,0 +1,204 @@
+//! The embedded, in-process bus (the default): bounded queues, one per
+//! consumer group, fed by every topic the group subscribed to; a broadcast
+//! feed per topic for observers. Messages live in memory: at-most-once
+//! across a crash (the durable backends give at-least-once).
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::{broadcast, mpsc};
+use workmanager_core::bus::{Bus, BusError, Delivery, Subscription};
+use workmanager_core::CloudEvent;
+
+/// Observer feed size per topic; slower observers skip ahead.
+const WATCH_CAPACITY: usize = 4096;
+
+pub struct EmbeddedBus {
+    state: Mutex<State>,
+    /// Queue size of each consumer group.
+    capacity: usize,
+    /// How long a publisher waits for room before `Backpressure`.
+    publish_wait: Duration,
+}
+
+#[derive(Default)]
+struct State {
+    /// topic → the groups subscribed to it.
+    topics: HashMap<String, Vec<String>>,
+    /// group → its queue.
+    groups: HashMap<String, mpsc::Sender<Delivery>>,
+    /// topic → observer feed.
+    watches: HashMap<String, broadcast::Sender<CloudEvent>>,
+}
+
+impl EmbeddedBus {
+    pub fn new(capacity: usize, publish_wait: Duration) -> Self {
+        Self {
+            state: Mutex::new(State::default()),
+            capacity: capacity.max(1),
+            publish_wait,
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[async_trait]
+impl Bus for EmbeddedBus {
+    fn name(&self) -> &'static str {
+        "embedded"
+    }
+
+    async fn publish(&self, topic: &str, event: CloudEvent) -> Result<(), BusError> {
+        let (senders, watch) = {
+            let state = self.state();
+            let senders: Vec<(String, mpsc::Sender<Delivery>)> = state
+                .topics
+                .get(topic)
+                .map(|groups| {
+                    groups
+                        .iter()
+                        .filter_map(|g| state.groups.get(g).map(|s| (g.clone(), s.clone())))
+                        .collect()
+                })
+                .unwrap_or_default();
+            (senders, state.watches.get(topic).cloned())
+        };
+        // Reserve room in every group first: all of them get it, or none.
+        let mut permits = Vec::with_capacity(senders.len());
+        let deadline = tokio::time::Instant::now() + self.publish_wait;
+        for (group, sender) in &senders {
+            match tokio::time::timeout_at(deadline, sender.reserve()).await {
+                Ok(Ok(permit)) => permits.push(permit),
+                Ok(Err(_)) => {} // the group left meanwhile
+                Err(_) => {
+                    return Err(BusError::Backpressure(format!(
+                        "consumer {group} of topic {topic:?} is {} messages behind; retry shortly",
+                        self.capacity
+                    )))
+                }
+            }
+        }
+        for permit in permits {
+            permit.send(Delivery {
+                topic: topic.to_string(),
+                event: event.clone(),
+                acker: None,
+            });
+        }
+        if let Some(w) = watch {
+            let _ = w.send(event);
+        }
+        Ok(())
+    }
+
+    async fn subscribe(&self, topics: &[String], group: &str) -> Result<Subscription, BusError> {
+        let (tx, rx) = mpsc::channel(self.capacity);
+        let mut state = self.state();
+        state.groups.insert(group.to_string(), tx);
+        for t in topics {
+            let groups = state.topics.entry(t.clone()).or_default();
+            if !groups.iter().any(|g| g == group) {
+                groups.push(group.to_string());
+            }
+        }
+        Ok(Subscription { receiver: rx })
+    }
+
+    async fn unsubscribe(&self, topics: &[String], group: &str) {
+        let mut state = self.state();
+        for t in topics {
+            if let Some(groups) = state.topics.get_mut(t) {
+                groups.retain(|g| g != group);
+            }
+        }
+        // Dropping the sender lets the consumer drain what is queued, then end.
+        state.groups.remove(group);
+    }
+
+    fn watch(&self, topic: &str) -> broadcast::Receiver<CloudEvent> {
+        self.state()
+            .watches
+            .entry(topic.to_string())
+            .or_insert_with(|| broadcast::channel(WATCH_CAPACITY).0)
+            .subscribe()
+    }
+
+    fn queue_depth(&self, group: &str) -> usize {
+        self.state()
+            .groups
+            .get(group)
+            .map(|s| s.max_capacity() - s.capacity())
+            .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn ev(n: u64) -> CloudEvent {
+        CloudEvent::from_input(
+            json!({"specversion":"1.0","id": n.to_string(),"source":"s","type":"t","data": n}),
+        )
+    }
+
+    #[tokio::test]
+    async fn each_group_gets_each_message_once_in_order() {
+        let bus = EmbeddedBus::new(16, Duration::from_millis(50));
+        let mut a = bus.subscribe(&["t".into()], "a").await.unwrap();
+        let mut b = bus.subscribe(&["t".into(), "u".into()], "b").await.unwrap();
+        for n in 0..5 {
+            bus.publish("t", ev(n)).await.unwrap();
+        }
+        bus.publish("u", ev(99)).await.unwrap();
+        for n in 0..5 {
+            assert_eq!(a.receiver.recv().await.unwrap().event.0["data"], json!(n));
+            assert_eq!(b.receiver.recv().await.unwrap().event.0["data"], json!(n));
+        }
+        let d = b.receiver.recv().await.unwrap();
+        assert_eq!(
+            (d.topic.as_str(), d.event.0["data"].clone()),
+            ("u", json!(99))
+        );
+        assert!(a.receiver.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_full_group_pushes_back_and_nobody_gets_a_partial_publish() {
+        let bus = EmbeddedBus::new(2, Duration::from_millis(50));
+        let mut fast = bus.subscribe(&["t".into()], "fast").await.unwrap();
+        let _slow = bus.subscribe(&["t".into()], "slow").await.unwrap();
+        bus.publish("t", ev(1)).await.unwrap();
+        bus.publish("t", ev(2)).await.unwrap();
+        assert!(matches!(
+            bus.publish("t", ev(3)).await,
+            Err(BusError::Backpressure(_))
+        ));
+        assert_eq!(bus.queue_depth("slow"), 2);
+        fast.receiver.recv().await.unwrap();
+        fast.receiver.recv().await.unwrap();
+        assert!(
+            fast.receiver.try_recv().is_err(),
+            "the refused message reached a group"
+        );
+    }
+
+    #[tokio::test]
+    async fn unsubscribe_drains_then_ends_and_watchers_see_everything() {
+        let bus = EmbeddedBus::new(8, Duration::from_millis(50));
+        let mut w = bus.watch("t");
+        let mut s = bus.subscribe(&["t".into()], "g").await.unwrap();
+        bus.publish("t", ev(1)).await.unwrap();
+        bus.unsubscribe(&["t".into()], "g").await;
+        bus.publish("t", ev(2)).await.unwrap();
+        assert_eq!(s.receiver.recv().await.unwrap().event.0["data"], json!(1));
+        assert!(s.receiver.recv().await.is_none());
+        assert_eq!(w.recv().await.unwrap().0["data"], json!(1));
+        assert_eq!(w.recv().await.unwrap().0["data"], json!(2));
+    }
+}

@@ -1,0 +1,80 @@
+//! The message bus contract every backend implements (embedded today; Redis
+//! Streams, NATS JetStream and Dapr pub/sub later).
+//!
+//! Two ways to read a topic:
+//! - a **consumer group** (`subscribe`): every message of the topic reaches
+//!   each group once, and is acknowledged (or not) after processing — one
+//!   group per worker, so each worker sees each message once whichever
+//!   instance hosts it;
+//! - a **watch** (`watch`): a live feed for observers (SSE, gRPC Subscribe),
+//!   best effort, never holding up publishers.
+use async_trait::async_trait;
+use tokio::sync::{broadcast, mpsc};
+
+use crate::event::CloudEvent;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// A consumer fell behind and its queue stayed full: back off and retry.
+    #[error("{0}")]
+    Backpressure(String),
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// Outcome reported for a delivered message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ack {
+    /// Processed (or dead-lettered): never deliver again.
+    Done,
+    /// Not processed: deliver again later.
+    Retry,
+}
+
+/// Acknowledgement hook of one delivery; durable backends implement it.
+pub trait Acker: Send + Sync {
+    fn ack(&self, outcome: Ack);
+}
+
+/// One message delivered to a consumer group.
+pub struct Delivery {
+    pub topic: String,
+    pub event: CloudEvent,
+    pub acker: Option<Box<dyn Acker>>,
+}
+
+impl Delivery {
+    pub fn ack(self, outcome: Ack) {
+        if let Some(a) = self.acker {
+            a.ack(outcome);
+        }
+    }
+}
+
+/// A consumer group's subscription to one or more topics.
+pub struct Subscription {
+    pub receiver: mpsc::Receiver<Delivery>,
+}
+
+#[async_trait]
+pub trait Bus: Send + Sync {
+    /// Backend name for health and logs.
+    fn name(&self) -> &'static str;
+
+    /// Publishes to every group of the topic, waiting (bounded) for room;
+    /// all groups get the message or none does.
+    async fn publish(&self, topic: &str, event: CloudEvent) -> Result<(), BusError>;
+
+    /// Joins (or creates) `group` on each topic; messages of all of them
+    /// arrive on the one subscription, in publish order per topic.
+    async fn subscribe(&self, topics: &[String], group: &str) -> Result<Subscription, BusError>;
+
+    /// Leaves `group` on each topic; nothing more is delivered to it.
+    async fn unsubscribe(&self, topics: &[String], group: &str);
+
+    /// A live feed of the topic for observers; lagging observers skip.
+    fn watch(&self, topic: &str) -> broadcast::Receiver<CloudEvent>;
+
+    /// Messages waiting for `group`, across its topics (a gauge).
+    fn queue_depth(&self, group: &str) -> usize;
+}

@@ -1,0 +1,322 @@
+//! The message path: a RUNNING worker consumes its own consumer group on
+//! every one of its topics; each message is stamped, run through the engine
+//! with retries, and its output routed and published; a message that keeps
+//! failing goes to `{topic}-dead`. Also the lifecycle events on
+//! `workmanager.lifecycle`, published in order by one background task.
+use std::sync::Arc;
+
+use serde_json::{json, Map, Value};
+use tokio::sync::Semaphore;
+
+use crate::audit::RequestContext;
+use crate::bus::{Ack, Delivery, Subscription};
+use crate::error::CoreError;
+use crate::event::CloudEvent;
+use crate::manager::{Manager, Slot};
+
+/// Topic of lifecycle events.
+pub const LIFECYCLE_TOPIC: &str = "workmanager.lifecycle";
+/// Events of this type are for the WorkManager itself and never reach workers.
+pub const PROBE_TYPE: &str = "com.virtufin.workmanager.topic-probe";
+pub const LIFECYCLE_SOURCE: &str = "urn:com.virtufin.workmanager";
+
+/// Where a worker's output goes: the input's `replytopic`, else the output's
+/// `publishtopic` (always removed from the output), else the output's type.
+pub fn route(input: &CloudEvent, output: &mut CloudEvent) -> Option<String> {
+    let publishtopic = match output.0.remove("publishtopic") {
+        Some(Value::String(s)) if !s.is_empty() => Some(s),
+        _ => None,
+    };
+    input
+        .get_str("replytopic")
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .or(publishtopic)
+        .or_else(|| output.get_str("type").map(String::from))
+}
+
+impl Manager {
+    /// Subscribes the worker's group to its topics and starts consuming.
+    pub(crate) async fn go_online(&self, slot: &Arc<Slot>) -> crate::error::Result<()> {
+        let mut current = slot.dispatch.lock().await;
+        if current.is_some() {
+            return Ok(());
+        }
+        let sub = self
+            .inner
+            .bus
+            .subscribe(&slot.topics, slot.id.as_str())
+            .await
+            .map_err(|e| CoreError::Unavailable(format!("message bus: {e}")))?;
+        let this = self.clone();
+        let worker = slot.clone();
+        *current = Some(tokio::spawn(async move { this.consume(worker, sub).await }));
+        Ok(())
+    }
+
+    /// Unsubscribes, then lets queued and in-flight messages finish, within
+    /// `Shutdown:DrainTimeoutSeconds`; past that the consumer is cancelled.
+    pub(crate) async fn go_offline(&self, slot: &Slot) {
+        let mut current = slot.dispatch.lock().await;
+        let Some(mut task) = current.take() else {
+            return;
+        };
+        self.inner
+            .bus
+            .unsubscribe(&slot.topics, slot.id.as_str())
+            .await;
+        if tokio::time::timeout(self.inner.settings.drain_timeout, &mut task)
+            .await
+            .is_err()
+        {
+            tracing::warn!(worker_id = %slot.id, "drain timeout reached; unfinished messages are abandoned");
+            task.abort();
+        }
+    }
+
+    async fn consume(&self, slot: Arc<Slot>, mut sub: Subscription) {
+        let parallel = slot.max_concurrency.max(1) as usize;
+        let permits = Arc::new(Semaphore::new(parallel));
+        while let Some(delivery) = sub.receiver.recv().await {
+            if delivery.event.get_str("type") == Some(PROBE_TYPE) {
+                delivery.ack(Ack::Done);
+                continue;
+            }
+            if parallel == 1 {
+                self.handle(&slot, delivery).await;
+                continue;
+            }
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                break;
+            };
+            let (this, worker) = (self.clone(), slot.clone());
+            tokio::spawn(async move {
+                this.handle(&worker, delivery).await;
+                drop(permit);
+            });
+        }
+        // Wait for the messages still running in parallel.
+        let _ = permits.acquire_many(parallel as u32).await;
+    }
+
+    /// One message, start to finish: retries with exponential backoff, then
+    /// the output is routed and published, or the input is dead-lettered.
+    async fn handle(&self, slot: &Arc<Slot>, delivery: Delivery) {
+        let metrics = &self.inner.metrics;
+        let topic = delivery.topic.clone();
+        let worker = slot.id.to_string();
+        metrics.record_message(&topic, &worker, "received");
+        let retries = self.inner.settings.retry_attempts;
+        let mut attempt = 0u32;
+        let outcome = loop {
+            match self.invoke_slot(slot, delivery.event.clone()).await {
+                Ok(output) => break Ok(output),
+                // A worker without runnable code (FAILED, deleted) fails fast.
+                Err(e) if attempt < retries && slot.engine().is_some() && retryable(&e) => {
+                    attempt += 1;
+                    let delay =
+                        self.inner.settings.retry_base_delay * 2u32.saturating_pow(attempt - 1);
+                    tokio::time::sleep(delay).await;
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        match outcome {
+            Ok(output) => {
+                if let Some(mut out) = output {
+                    match route(&delivery.event, &mut out) {
+                        Some(dest) => self.publish_or_warn(&dest, out, &worker).await,
+                        None => {
+                            tracing::warn!(worker_id = %worker, "output has no destination topic; dropped")
+                        }
+                    }
+                }
+                metrics.record_message(&topic, &worker, "processed");
+            }
+            Err(e) => {
+                metrics.record_message(&topic, &worker, "failed");
+                self.dead_letter(slot, &topic, &delivery.event, &e, attempt + 1)
+                    .await;
+            }
+        }
+        delivery.ack(Ack::Done);
+    }
+
+    async fn publish_or_warn(&self, topic: &str, event: CloudEvent, worker: &str) {
+        if let Err(e) = self.inner.bus.publish(topic, event).await {
+            self.inner.metrics.record_backpressure(topic);
+            tracing::warn!(worker_id = %worker, topic, error = %e, "could not publish a worker's output");
+        }
+    }
+
+    async fn dead_letter(
+        &self,
+        slot: &Slot,
+        topic: &str,
+        input: &CloudEvent,
+        error: &CoreError,
+        attempts: u32,
+    ) {
+        let mut dead = input.clone();
+        dead.0
+            .insert("deadletterreason".into(), Value::String(error.to_string()));
+        dead.0.insert(
+            "deadletterworker".into(),
+            Value::String(slot.id.to_string()),
+        );
+        dead.0
+            .insert("deadletterattempts".into(), Value::from(attempts));
+        let dead_topic = format!("{topic}-dead");
+        self.inner
+            .metrics
+            .record_message(topic, slot.id.as_str(), "dead_lettered");
+        self.publish_or_warn(&dead_topic, dead, slot.id.as_str())
+            .await;
+        let ctx = RequestContext::system();
+        let kind = error_type(error);
+        self.emit_lifecycle(&ctx, slot, "failed", Some((kind, &error.to_string())));
+    }
+
+    /// Routes and publishes an output for `InvokeWorker` with `publish=true`.
+    pub async fn publish_output(
+        &self,
+        input: &CloudEvent,
+        output: &CloudEvent,
+    ) -> crate::error::Result<()> {
+        let mut out = output.clone();
+        let dest = route(input, &mut out).ok_or_else(|| {
+            CoreError::WorkerError("the output names no topic to publish to".into())
+        })?;
+        self.publish(&dest, out).await
+    }
+
+    /// Publishes one event (the Publish RPC and the HTTP topic endpoint).
+    pub async fn publish(&self, topic: &str, event: CloudEvent) -> crate::error::Result<()> {
+        crate::model::validate_topic(topic)?;
+        self.inner.bus.publish(topic, event).await.map_err(|e| {
+            self.inner.metrics.record_backpressure(topic);
+            CoreError::Unavailable(e.to_string())
+        })
+    }
+
+    /// A live feed of a topic (observers: gRPC Subscribe, SSE).
+    pub fn watch(
+        &self,
+        topic: &str,
+    ) -> crate::error::Result<tokio::sync::broadcast::Receiver<CloudEvent>> {
+        crate::model::validate_topic(topic)?;
+        Ok(self.inner.bus.watch(topic))
+    }
+
+    /// Builds a lifecycle event and hands it to the ordered publisher; never
+    /// blocks and never fails the caller (seed: fire-and-forget).
+    pub(crate) fn emit_lifecycle(
+        &self,
+        ctx: &RequestContext,
+        slot: &Slot,
+        kind: &str,
+        error: Option<(&str, &str)>,
+    ) {
+        tracing::info!(
+            target: "lifecycle",
+            event = kind,
+            worker_id = %slot.id,
+            mime_type = %slot.mime_type,
+            correlation_id = %ctx.correlation_id,
+            error = error.map(|e| e.1).unwrap_or(""),
+            "worker {kind}"
+        );
+        let mut data = Map::new();
+        data.insert("worker_id".into(), json!(slot.id.as_str()));
+        data.insert("replica_id".into(), json!(self.instance_id()));
+        data.insert("topics".into(), json!(slot.topics));
+        data.insert("mime_type".into(), json!(slot.mime_type));
+        if let Some((error_type, message)) = error {
+            data.insert("error_type".into(), json!(error_type));
+            data.insert("error_message".into(), json!(message));
+        }
+        let event = CloudEvent::from_input(json!({
+            "specversion": "1.0",
+            "id": uuid::Uuid::new_v4().to_string(),
+            "source": LIFECYCLE_SOURCE,
+            "type": format!("com.virtufin.workmanager.lifecycle.{kind}"),
+            "time": crate::model::now_rfc3339(),
+            "datacontenttype": "application/json",
+            "correlationid": ctx.correlation_id,
+            "data": Value::Object(data),
+        }));
+        if self.inner.lifecycle_tx.try_send(event).is_err() {
+            tracing::warn!(worker_id = %slot.id, event = kind, "lifecycle event dropped: publisher backlog full");
+        }
+    }
+
+    /// Publishes lifecycle events in order, until the manager is dropped.
+    pub fn spawn_lifecycle_publisher(&self) -> Option<tokio::task::JoinHandle<()>> {
+        let mut rx = self
+            .inner
+            .lifecycle_rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()?;
+        let bus = self.inner.bus.clone();
+        Some(tokio::spawn(async move {
+            while let Some(event) = rx.recv().await {
+                if let Err(e) = bus.publish(LIFECYCLE_TOPIC, event).await {
+                    tracing::warn!(error = %e, "could not publish a lifecycle event");
+                }
+            }
+        }))
+    }
+
+    pub(crate) fn queue_depths(&self) -> Vec<(String, usize)> {
+        self.slots()
+            .iter()
+            .filter(|s| s.status() == crate::model::WorkerStatus::Running)
+            .map(|s| (s.id.to_string(), self.inner.bus.queue_depth(s.id.as_str())))
+            .collect()
+    }
+}
+
+fn retryable(e: &CoreError) -> bool {
+    matches!(
+        e,
+        CoreError::WorkerError(_) | CoreError::DeadlineExceeded(_) | CoreError::Unavailable(_)
+    )
+}
+
+fn error_type(e: &CoreError) -> &'static str {
+    match e {
+        CoreError::WorkerError(_) => "WorkerError",
+        CoreError::DeadlineExceeded(_) => "Timeout",
+        CoreError::Unavailable(_) => "Unavailable",
+        CoreError::FailedPrecondition(_) => "WorkerFailed",
+        CoreError::NotFound(_) => "NotFound",
+        CoreError::InvalidArgument(_) => "InvalidArgument",
+        CoreError::Internal(_) => "Internal",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(v: Value) -> CloudEvent {
+        CloudEvent(v.as_object().cloned().unwrap_or_default())
+    }
+
+    #[test]
+    fn routing_precedence_and_publishtopic_is_stripped() {
+        let input = ev(json!({"type": "in", "replytopic": "reply"}));
+        let mut out = ev(json!({"type": "by-type", "publishtopic": "explicit"}));
+        assert_eq!(route(&input, &mut out).as_deref(), Some("reply"));
+        assert!(!out.0.contains_key("publishtopic"));
+
+        let input = ev(json!({"type": "in"}));
+        let mut out = ev(json!({"type": "by-type", "publishtopic": "explicit"}));
+        assert_eq!(route(&input, &mut out).as_deref(), Some("explicit"));
+        assert!(!out.0.contains_key("publishtopic"));
+
+        let mut out = ev(json!({"type": "by-type"}));
+        assert_eq!(route(&input, &mut out).as_deref(), Some("by-type"));
+    }
+}
