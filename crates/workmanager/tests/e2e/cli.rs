@@ -90,6 +90,56 @@ async fn cli_drives_a_worker_end_to_end() {
     assert!(!ok && err.contains("--data is not valid JSON"), "{err}");
 }
 
+#[tokio::test]
+async fn cli_publishes_and_subscribes() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let svc = Service::start_ready(dir.path(), &[]).await;
+    let mut sub = Command::new(BIN)
+        .args(["--server", &svc.server(), "subscribe", "cli.topic"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = sub.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    // Publish until the subscriber (which connects on its own time) sees one.
+    let mut got = None;
+    for _ in 0..50 {
+        let (ok, _, err) = wm(
+            &svc,
+            &[
+                "publish",
+                "cli.topic",
+                "--data",
+                r#"{"px": 7}"#,
+                "--type",
+                "cli.test",
+            ],
+        );
+        assert!(ok, "{err}");
+        if let Ok(line) = rx.recv_timeout(std::time::Duration::from_millis(200)) {
+            got = Some(line);
+            break;
+        }
+    }
+    let _ = sub.kill();
+    let _ = sub.wait();
+    let event: Value =
+        serde_json::from_str(&got.expect("the subscriber printed no event")).unwrap();
+    assert_eq!(
+        (event["type"].as_str(), event["data"]["px"].as_i64()),
+        (Some("cli.test"), Some(7))
+    );
+}
+
 #[test]
 fn cli_explains_an_unreachable_server() {
     let out = Command::new(BIN)

@@ -244,7 +244,7 @@ async fn failures_retry_then_dead_letter_with_a_failed_event() {
         .unwrap()
         .contains("cannot price"));
     let w = c
-        .get_worker(pb::GetWorkerRequest { id })
+        .get_worker(pb::GetWorkerRequest { id: id.clone() })
         .await
         .unwrap()
         .into_inner();
@@ -252,6 +252,20 @@ async fn failures_retry_then_dead_letter_with_a_failed_event() {
         (w.messages_failed, w.status()),
         (3, pb::WorkerStatus::Running),
         "three attempts, worker still running"
+    );
+    let metrics = reqwest::get(svc.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for outcome in ["received", "failed", "dead_lettered"] {
+        let line = format!("workmanager_messages_total{{topic=\"orders\",worker=\"{id}\",outcome=\"{outcome}\"}} 1");
+        assert!(metrics.contains(&line), "missing {line}");
+    }
+    assert!(
+        metrics.contains(&format!("workmanager_queue_depth{{worker=\"{id}\"}} 0")),
+        "no queue depth gauge"
     );
 }
 
