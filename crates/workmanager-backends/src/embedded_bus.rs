@@ -82,15 +82,26 @@ impl Bus for EmbeddedBus {
                 }
             }
         }
-        for permit in permits {
-            permit.send(Delivery {
-                topic: topic.to_string(),
-                event: event.clone(),
-                acker: None,
-            });
+        // Each recipient needs its own copy; the last one takes the original.
+        let watch = watch.filter(|w| w.receiver_count() > 0);
+        let mut event = Some(event);
+        let last = permits.len().saturating_sub(1);
+        for (i, permit) in permits.into_iter().enumerate() {
+            let copy = if i == last && watch.is_none() {
+                event.take()
+            } else {
+                event.clone()
+            };
+            if let Some(e) = copy {
+                permit.send(Delivery {
+                    topic: topic.to_string(),
+                    event: e,
+                    acker: None,
+                });
+            }
         }
-        if let Some(w) = watch {
-            let _ = w.send(event);
+        if let (Some(w), Some(e)) = (watch, event) {
+            let _ = w.send(e);
         }
         Ok(())
     }

@@ -5,6 +5,8 @@
 //! `workmanager.lifecycle`, published in order by one background task.
 use std::sync::Arc;
 
+use std::collections::VecDeque;
+
 use serde_json::{json, Map, Value};
 use tokio::sync::Semaphore;
 
@@ -19,6 +21,8 @@ pub const LIFECYCLE_TOPIC: &str = "workmanager.lifecycle";
 /// Events of this type are for the WorkManager itself and never reach workers.
 pub const PROBE_TYPE: &str = "com.virtufin.workmanager.topic-probe";
 pub const LIFECYCLE_SOURCE: &str = "urn:com.virtufin.workmanager";
+/// Most messages pipelined to a worker in one exchange.
+const MAX_BATCH: usize = 64;
 
 /// Where a worker's output goes: the input's `replytopic`, else the output's
 /// `publishtopic` (always removed from the output), else the output's type.
@@ -77,66 +81,118 @@ impl Manager {
     async fn consume(&self, slot: Arc<Slot>, mut sub: Subscription) {
         let parallel = slot.max_concurrency.max(1) as usize;
         let permits = Arc::new(Semaphore::new(parallel));
-        while let Some(delivery) = sub.receiver.recv().await {
-            if delivery.event.get_str("type") == Some(PROBE_TYPE) {
-                delivery.ack(Ack::Done);
-                continue;
+        let mut pending: VecDeque<Delivery> = VecDeque::new();
+        loop {
+            if pending.is_empty() {
+                match sub.receiver.recv().await {
+                    Some(d) => pending.push_back(d),
+                    None => break,
+                }
             }
-            if parallel == 1 {
-                self.handle(&slot, delivery).await;
-                continue;
+            // Take what is already queued, up to a batch.
+            while pending.len() < MAX_BATCH {
+                match sub.receiver.try_recv() {
+                    Ok(d) => pending.push_back(d),
+                    Err(_) => break,
+                }
             }
-            let Ok(permit) = permits.clone().acquire_owned().await else {
-                break;
-            };
-            let (this, worker) = (self.clone(), slot.clone());
-            tokio::spawn(async move {
-                this.handle(&worker, delivery).await;
-                drop(permit);
-            });
+            let mut batch = Vec::with_capacity(pending.len());
+            for d in pending.drain(..) {
+                if d.event.get_str("type") == Some(PROBE_TYPE) {
+                    d.ack(Ack::Done);
+                } else {
+                    batch.push(d);
+                }
+            }
+            if parallel > 1 {
+                // Order is relaxed only here: each message takes a free slot.
+                for delivery in batch {
+                    let Ok(permit) = permits.clone().acquire_owned().await else {
+                        return;
+                    };
+                    let (this, worker) = (self.clone(), slot.clone());
+                    tokio::spawn(async move {
+                        this.handle(&worker, delivery).await;
+                        drop(permit);
+                    });
+                }
+            } else if batch.len() == 1 {
+                if let Some(d) = batch.pop() {
+                    self.handle(&slot, d).await;
+                }
+            } else if !batch.is_empty() {
+                pending.extend(self.handle_batch(&slot, batch).await);
+            }
         }
         // Wait for the messages still running in parallel.
         let _ = permits.acquire_many(parallel as u32).await;
     }
 
-    /// One message, start to finish: retries with exponential backoff, then
-    /// the output is routed and published, or the input is dead-lettered.
+    /// A run of queued messages, pipelined to the worker in order. Messages
+    /// after a failure did not run: they are returned to go next, after the
+    /// failed one was retried or dead-lettered, so order holds.
+    async fn handle_batch(&self, slot: &Arc<Slot>, deliveries: Vec<Delivery>) -> Vec<Delivery> {
+        let events: Vec<&CloudEvent> = deliveries.iter().map(|d| &d.event).collect();
+        let results = self.invoke_batch(slot, &events).await;
+        drop(events);
+        let mut rest = deliveries.into_iter();
+        for result in results {
+            if let Some(delivery) = rest.next() {
+                self.settle(slot, delivery, result).await;
+            }
+        }
+        rest.collect()
+    }
+
+    /// One message, start to finish.
     async fn handle(&self, slot: &Arc<Slot>, delivery: Delivery) {
+        let first = self.invoke_slot(slot, &delivery.event).await;
+        self.settle(slot, delivery, first).await;
+    }
+
+    /// Given a message's first result: retries with exponential backoff,
+    /// then routes and publishes the output, or dead-letters the input.
+    async fn settle(
+        &self,
+        slot: &Arc<Slot>,
+        delivery: Delivery,
+        first: crate::error::Result<Option<CloudEvent>>,
+    ) {
         let metrics = &self.inner.metrics;
         let topic = delivery.topic.clone();
         let worker = slot.id.to_string();
         metrics.record_message(&topic, &worker, "received");
         let retries = self.inner.settings.retry_attempts;
         let mut attempt = 0u32;
-        let outcome = loop {
-            match self.invoke_slot(slot, delivery.event.clone()).await {
-                Ok(output) => break Ok(output),
+        let mut outcome = first;
+        loop {
+            match outcome {
+                Ok(output) => {
+                    if let Some(mut out) = output {
+                        match route(&delivery.event, &mut out) {
+                            Some(dest) => self.publish_or_warn(&dest, out, &worker).await,
+                            None => {
+                                tracing::warn!(worker_id = %worker, "output has no destination topic; dropped")
+                            }
+                        }
+                    }
+                    metrics.record_message(&topic, &worker, "processed");
+                    break;
+                }
                 // A worker without runnable code (FAILED, deleted) fails fast.
                 Err(e) if attempt < retries && slot.engine().is_some() && retryable(&e) => {
                     attempt += 1;
                     let delay =
                         self.inner.settings.retry_base_delay * 2u32.saturating_pow(attempt - 1);
                     tokio::time::sleep(delay).await;
+                    outcome = self.invoke_slot(slot, &delivery.event).await;
                 }
-                Err(e) => break Err(e),
-            }
-        };
-        match outcome {
-            Ok(output) => {
-                if let Some(mut out) = output {
-                    match route(&delivery.event, &mut out) {
-                        Some(dest) => self.publish_or_warn(&dest, out, &worker).await,
-                        None => {
-                            tracing::warn!(worker_id = %worker, "output has no destination topic; dropped")
-                        }
-                    }
+                Err(e) => {
+                    metrics.record_message(&topic, &worker, "failed");
+                    self.dead_letter(slot, &topic, &delivery.event, &e, attempt + 1)
+                        .await;
+                    break;
                 }
-                metrics.record_message(&topic, &worker, "processed");
-            }
-            Err(e) => {
-                metrics.record_message(&topic, &worker, "failed");
-                self.dead_letter(slot, &topic, &delivery.event, &e, attempt + 1)
-                    .await;
             }
         }
         delivery.ack(Ack::Done);

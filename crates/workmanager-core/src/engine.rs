@@ -71,6 +71,25 @@ pub trait LoadedWorker: Send + Sync {
     /// Runs one event. `Ok(None)`: the worker returned nothing.
     async fn process(&self, event: &CloudEvent) -> Result<Option<Value>, EngineError>;
 
+    /// Runs events in order, stopping at the first failure: returns the
+    /// results of the events that ran (the last one may be the failure);
+    /// the events after it did not run. Engines that can pipeline override it.
+    async fn process_batch(
+        &self,
+        events: &[&CloudEvent],
+    ) -> Vec<Result<Option<Value>, EngineError>> {
+        let mut out = Vec::with_capacity(events.len());
+        for e in events {
+            let r = self.process(e).await;
+            let failed = r.is_err();
+            out.push(r);
+            if failed {
+                break;
+            }
+        }
+        out
+    }
+
     /// Graceful disposal (ask the code to exit, then force).
     async fn shutdown(&self);
 }

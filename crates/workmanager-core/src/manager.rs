@@ -787,14 +787,15 @@ impl Manager {
     /// complete the output. Returns `None` when the worker returned nothing.
     pub async fn invoke(&self, id: &str, event: CloudEvent) -> Result<Option<CloudEvent>> {
         let slot = self.slot(id)?;
-        self.invoke_slot(&slot, event).await
+        self.invoke_slot(&slot, &event).await
     }
 
-    /// The message path's core, shared by `InvokeWorker` and the dispatcher.
+    /// The message path's core, shared by `InvokeWorker` and the
+    /// dispatcher. The event is copied only when config must be stamped on it.
     pub(crate) async fn invoke_slot(
         &self,
         slot: &Arc<Slot>,
-        event: CloudEvent,
+        input: &CloudEvent,
     ) -> Result<Option<CloudEvent>> {
         let slot = slot.clone();
         let engine = match slot.engine() {
@@ -812,12 +813,71 @@ impl Manager {
                 )));
             }
         };
-        let mut event = event;
-        event.stamp(&slot.config);
+        let stamped;
+        let event = if slot.config.is_empty() {
+            input
+        } else {
+            let mut e = input.clone();
+            e.stamp(&slot.config);
+            stamped = e;
+            &stamped
+        };
         let started = Instant::now();
-        let result = engine.process(&event).await;
-        let seconds = started.elapsed().as_secs_f64();
-        let outcome = self.finish(&slot, &engine, &event, result);
+        let result = engine.process(event).await;
+        self.account(
+            &slot,
+            &engine,
+            event,
+            result,
+            started.elapsed().as_secs_f64(),
+        )
+    }
+
+    /// Runs several events through the worker in one pipelined exchange
+    /// (see `LoadedWorker::process_batch`): results for the events that ran,
+    /// in order; the first failure ends the batch.
+    pub(crate) async fn invoke_batch(
+        &self,
+        slot: &Arc<Slot>,
+        inputs: &[&CloudEvent],
+    ) -> Vec<Result<Option<CloudEvent>>> {
+        let Some(engine) = slot.engine() else {
+            return vec![self.invoke_slot(slot, inputs[0]).await];
+        };
+        let stamped: Vec<CloudEvent>;
+        let events: Vec<&CloudEvent> = if slot.config.is_empty() {
+            inputs.to_vec()
+        } else {
+            stamped = inputs
+                .iter()
+                .map(|e| {
+                    let mut e = (*e).clone();
+                    e.stamp(&slot.config);
+                    e
+                })
+                .collect();
+            stamped.iter().collect()
+        };
+        let started = Instant::now();
+        let results = engine.process_batch(&events).await;
+        let seconds = started.elapsed().as_secs_f64() / results.len().max(1) as f64;
+        results
+            .into_iter()
+            .zip(events)
+            .map(|(r, e)| self.account(slot, &engine, e, r, seconds))
+            .collect()
+    }
+
+    /// Completes one engine result and counts it.
+    fn account(
+        &self,
+        slot: &Arc<Slot>,
+        engine: &Arc<dyn LoadedWorker>,
+        event: &CloudEvent,
+        result: std::result::Result<Option<Value>, EngineError>,
+        seconds: f64,
+    ) -> Result<Option<CloudEvent>> {
+        let outcome = self.finish(slot, engine, event, result);
         let label = if outcome.is_ok() { "ok" } else { "error" };
         self.inner
             .metrics

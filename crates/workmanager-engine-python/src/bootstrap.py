@@ -134,6 +134,32 @@ def _kind(value):
             tuple: "a tuple"}.get(type(value), type(value).__name__)
 
 
+def _run_one(process, msg_id, event):
+    """Runs one event and writes its answer; returns False on an error."""
+    if process is None:
+        _send({"op": "error", "id": msg_id, "error_type": "LoadError",
+               "message": "no code loaded", "traceback": ""})
+        return False
+    try:
+        result = process(event)
+    except Exception as exc:
+        _send(_error(msg_id, exc))
+        return False
+    if result is not None and not isinstance(result, dict):
+        _send({"op": "error", "id": msg_id, "error_type": "BadResult",
+               "message": "Process must return a dict or None, not %s" % _kind(result),
+               "traceback": ""})
+        return False
+    try:
+        text = _dumps({"op": "result", "id": msg_id, "event": result})
+    except (TypeError, ValueError) as exc:
+        _send({"op": "error", "id": msg_id, "error_type": "BadResult",
+               "message": "the result is not JSON-serialisable: %s" % exc, "traceback": ""})
+        return False
+    _send_raw(text)
+    return True
+
+
 def main():
     process = None
     readline = _IN.readline
@@ -144,28 +170,17 @@ def main():
         msg = json.loads(line)
         op = msg.get("op")
         if op == "process":
-            msg_id = msg.get("id")
-            if process is None:
-                _send({"op": "error", "id": msg_id, "error_type": "LoadError",
-                       "message": "no code loaded", "traceback": ""})
-                continue
-            try:
-                result = process(msg.get("event"))
-            except Exception as exc:
-                _send(_error(msg_id, exc))
-                continue
-            if result is not None and not isinstance(result, dict):
-                _send({"op": "error", "id": msg_id, "error_type": "BadResult",
-                       "message": "Process must return a dict or None, not %s" % _kind(result),
-                       "traceback": ""})
-                continue
-            try:
-                text = _dumps({"op": "result", "id": msg_id, "event": result})
-            except (TypeError, ValueError) as exc:
-                _send({"op": "error", "id": msg_id, "error_type": "BadResult",
-                       "message": "the result is not JSON-serialisable: %s" % exc, "traceback": ""})
-                continue
-            _send_raw(text)
+            _run_one(process, msg.get("id"), msg.get("event"))
+        elif op == "batch":
+            # Several events in order, one answer line each, so the host can
+            # time each one. The first failure ends the batch (order is kept:
+            # the host retries it before the rest), and the rest are skipped.
+            items = msg.get("items") or []
+            for i, item in enumerate(items):
+                if not _run_one(process, item.get("id"), item.get("event")):
+                    if i + 1 < len(items):
+                        _send({"op": "skipped", "count": len(items) - i - 1})
+                    break
         elif op == "ping":
             _send({"op": "pong"})
         elif op == "load":

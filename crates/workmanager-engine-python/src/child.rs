@@ -28,6 +28,10 @@ pub(crate) enum Wire {
         sandbox: Option<Applied>,
     },
     Pong,
+    /// After a failure in a batch: how many of its events were not run.
+    Skipped {
+        count: usize,
+    },
     Result {
         /// Must echo the request's id: a line with another id was forged by
         /// the worker (or is stale) and desynchronises nothing.
@@ -136,11 +140,32 @@ impl ChildProc {
     }
 
     async fn exchange(&mut self, line: &[u8], max_bytes: usize) -> Result<Wire, CallError> {
+        self.send_line(line).await?;
+        self.read_one(max_bytes).await
+    }
+
+    /// Writes one or more whole lines.
+    pub(crate) async fn send_line(&mut self, line: &[u8]) -> Result<(), CallError> {
         self.stdin
             .write_all(line)
             .await
             .map_err(|_| CallError::Gone)?;
-        self.stdin.flush().await.map_err(|_| CallError::Gone)?;
+        self.stdin.flush().await.map_err(|_| CallError::Gone)
+    }
+
+    /// Reads one answer within `timeout`.
+    pub(crate) async fn read_reply(
+        &mut self,
+        timeout: Duration,
+        max_bytes: usize,
+    ) -> Result<Wire, CallError> {
+        match tokio::time::timeout(timeout, self.read_one(max_bytes)).await {
+            Ok(r) => r,
+            Err(_) => Err(CallError::Timeout),
+        }
+    }
+
+    async fn read_one(&mut self, max_bytes: usize) -> Result<Wire, CallError> {
         self.buf.clear();
         let limit = max_bytes as u64 + 1;
         let n = (&mut self.stdout)

@@ -279,40 +279,45 @@ impl Shared {
         self.slots[i].lock().await
     }
 
-    async fn process(&self, event: &CloudEvent) -> Result<Option<Value>, EngineError> {
+    /// Makes sure the slot has a live child: restarts it (after the backoff
+    /// its recent crashes earned) when the last one died.
+    async fn ensure_child(&self, slot: &mut Slot) -> Result<(), EngineError> {
         if let Some(reason) = self.failed() {
             return Err(EngineError::Failed(reason));
         }
-        let mut slot = self.pick_slot().await;
-        if slot.child.is_none() {
-            if slot.consecutive_crashes > 0 {
-                let exp = slot.consecutive_crashes.saturating_sub(1).min(16);
-                tokio::time::sleep((BACKOFF_BASE * 2u32.pow(exp)).min(BACKOFF_MAX)).await;
+        if slot.child.is_some() {
+            return Ok(());
+        }
+        if slot.consecutive_crashes > 0 {
+            let exp = slot.consecutive_crashes.saturating_sub(1).min(16);
+            tokio::time::sleep((BACKOFF_BASE * 2u32.pow(exp)).min(BACKOFF_MAX)).await;
+        }
+        self.metrics.record_restart(MIME_TYPE);
+        match self.start_child().await {
+            Ok(c) => {
+                slot.child = Some(c);
+                Ok(())
             }
-            self.metrics.record_restart(MIME_TYPE);
-            match self.start_child().await {
-                Ok(c) => slot.child = Some(c),
-                Err(e) => {
-                    slot.consecutive_crashes += 1;
-                    if let Some(reason) = self.note_crash(&e.to_string()) {
-                        return Err(EngineError::Failed(reason));
-                    }
-                    return Err(EngineError::Crashed(format!(
-                        "the Python process could not restart: {e}"
-                    )));
+            Err(e) => {
+                slot.consecutive_crashes += 1;
+                if let Some(reason) = self.note_crash(&e.to_string()) {
+                    return Err(EngineError::Failed(reason));
                 }
+                Err(EngineError::Crashed(format!(
+                    "the Python process could not restart: {e}"
+                )))
             }
         }
+    }
+
+    /// Reads the answer to message `id` and turns it into the message's
+    /// result. Any answer that breaks the protocol kills the child.
+    async fn answer(&self, slot: &mut Slot, id: u64) -> Result<Option<Value>, EngineError> {
+        let timeout = self.cfg.execution_timeout;
         let Some(child) = slot.child.as_mut() else {
             return Err(EngineError::Internal("no Python process".into()));
         };
-        let id = child.next_id();
-        let line = process_line(id, event).map_err(|e| EngineError::Internal(e.to_string()))?;
-        let timeout = self.cfg.execution_timeout;
-        match child
-            .request(&line, timeout, self.cfg.max_result_bytes)
-            .await
-        {
+        match child.read_reply(timeout, self.cfg.max_result_bytes).await {
             Ok(Wire::Result { id: got, event }) if got == id => {
                 slot.consecutive_crashes = 0;
                 Ok(event)
@@ -360,24 +365,113 @@ impl Shared {
                     "the worker corrupted the protocol channel ({e}); its process was restarted"
                 )))
             }
-            Err(CallError::Gone) => {
-                let status = match slot.child.as_mut() {
-                    Some(c) => c.exit_description().await,
-                    None => "unknown status".into(),
-                };
-                slot.child = None;
-                slot.consecutive_crashes += 1;
-                tracing::warn!(worker_id = %self.worker_id, %status, "Python process died while processing");
-                let what = format!("exited ({status}) while processing an event");
-                if let Some(reason) = self.note_crash(&what) {
-                    return Err(EngineError::Failed(reason));
-                }
-                Err(EngineError::Crashed(format!(
-                    "the worker's Python process {what}; it restarts on the next message"
-                )))
-            }
+            Err(CallError::Gone) => Err(self.crashed(slot).await),
         }
     }
+
+    /// The child died mid-message: reap it, count the crash, say what happened.
+    async fn crashed(&self, slot: &mut Slot) -> EngineError {
+        let status = match slot.child.as_mut() {
+            Some(c) => c.exit_description().await,
+            None => "unknown status".into(),
+        };
+        slot.child = None;
+        slot.consecutive_crashes += 1;
+        tracing::warn!(worker_id = %self.worker_id, %status, "Python process died while processing");
+        let what = format!("exited ({status}) while processing an event");
+        if let Some(reason) = self.note_crash(&what) {
+            return EngineError::Failed(reason);
+        }
+        EngineError::Crashed(format!(
+            "the worker's Python process {what}; it restarts on the next message"
+        ))
+    }
+
+    async fn send(&self, slot: &mut Slot, line: &[u8]) -> Result<(), EngineError> {
+        let Some(child) = slot.child.as_mut() else {
+            return Err(EngineError::Internal("no Python process".into()));
+        };
+        match child.send_line(line).await {
+            Ok(()) => Ok(()),
+            Err(_) => Err(self.crashed(slot).await),
+        }
+    }
+
+    async fn process(&self, event: &CloudEvent) -> Result<Option<Value>, EngineError> {
+        let mut slot = self.pick_slot().await;
+        self.ensure_child(&mut slot).await?;
+        let id = slot.child.as_mut().map(|c| c.next_id()).unwrap_or_default();
+        let line = process_line(id, event).map_err(|e| EngineError::Internal(e.to_string()))?;
+        self.send(&mut slot, &line).await?;
+        self.answer(&mut slot, id).await
+    }
+
+    /// Pipelines several events to one child in a single write; answers
+    /// come back one by one, each under the per-message timeout. The first
+    /// failure ends the batch; the events after it are not run.
+    async fn process_batch(
+        &self,
+        events: &[&CloudEvent],
+    ) -> Vec<Result<Option<Value>, EngineError>> {
+        let mut slot = self.pick_slot().await;
+        if let Err(e) = self.ensure_child(&mut slot).await {
+            return vec![Err(e)];
+        }
+        let Some(child) = slot.child.as_mut() else {
+            return vec![Err(EngineError::Internal("no Python process".into()))];
+        };
+        let ids: Vec<u64> = events.iter().map(|_| child.next_id()).collect();
+        let line = match batch_line(&ids, events) {
+            Ok(l) => l,
+            Err(e) => return vec![Err(EngineError::Internal(e.to_string()))],
+        };
+        if let Err(e) = self.send(&mut slot, &line).await {
+            return vec![Err(e)];
+        }
+        let mut results = Vec::with_capacity(events.len());
+        for (i, id) in ids.iter().enumerate() {
+            let r = self.answer(&mut slot, *id).await;
+            let failed = r.is_err();
+            results.push(r);
+            if failed {
+                if i + 1 < ids.len() {
+                    self.skip_rest(&mut slot, ids.len() - i - 1).await;
+                }
+                break;
+            }
+        }
+        results
+    }
+
+    /// After a failure inside a batch, a live child says how many events it
+    /// skipped; anything else means the channel is out of step: kill it.
+    async fn skip_rest(&self, slot: &mut Slot, expected: usize) {
+        let Some(child) = slot.child.as_mut() else {
+            return;
+        };
+        match child.read_reply(self.cfg.execution_timeout, 1024).await {
+            Ok(Wire::Skipped { count }) if count == expected => {}
+            _ => slot.child = None,
+        }
+    }
+}
+
+/// `{"op":"batch","items":[{"id":N,"event":{...}},...]}\n`.
+fn batch_line(ids: &[u64], events: &[&CloudEvent]) -> Result<Vec<u8>, serde_json::Error> {
+    let mut line = Vec::with_capacity(256 * events.len());
+    line.extend_from_slice(b"{\"op\":\"batch\",\"items\":[");
+    for (i, (id, event)) in ids.iter().zip(events).enumerate() {
+        if i > 0 {
+            line.push(b',');
+        }
+        line.extend_from_slice(b"{\"id\":");
+        line.extend_from_slice(id.to_string().as_bytes());
+        line.extend_from_slice(b",\"event\":");
+        serde_json::to_writer(&mut line, &event.0)?;
+        line.push(b'}');
+    }
+    line.extend_from_slice(b"]}\n");
+    Ok(line)
 }
 
 /// `{"op":"process","id":N,"event":{...}}\n`, built without an intermediate value.
@@ -445,6 +539,13 @@ struct PythonWorker {
 impl LoadedWorker for PythonWorker {
     async fn process(&self, event: &CloudEvent) -> Result<Option<Value>, EngineError> {
         self.shared.process(event).await
+    }
+
+    async fn process_batch(
+        &self,
+        events: &[&CloudEvent],
+    ) -> Vec<Result<Option<Value>, EngineError>> {
+        self.shared.process_batch(events).await
     }
 
     async fn shutdown(&self) {

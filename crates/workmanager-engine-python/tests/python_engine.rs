@@ -246,3 +246,60 @@ async fn strict_mode_refuses_workers_when_a_layer_is_missing() {
         "{err:?}"
     );
 }
+
+#[tokio::test]
+async fn a_batch_runs_in_order_and_stops_at_the_first_failure() {
+    let e = engine_with(|_| {}).await;
+    let w = load(
+        &e,
+        "seen = []\ndef Process(event):\n    n = event['data']\n    seen.append(n)\n    \
+         if n == 'boom': raise ValueError('boom')\n    if n == 'exit': raise SystemExit(1)\n    \
+         return {'type': 't', 'data': list(seen)}\n",
+    )
+    .await
+    .unwrap();
+    let evs: Vec<CloudEvent> = [json!(1), json!(2), json!("boom"), json!(4), json!(5)]
+        .into_iter()
+        .map(event)
+        .collect();
+    let refs: Vec<&CloudEvent> = evs.iter().collect();
+    let results = w.process_batch(&refs).await;
+    assert_eq!(results.len(), 3, "events after the failure must not run");
+    assert_eq!(
+        results[1].as_ref().unwrap().as_ref().unwrap()["data"],
+        json!([1, 2])
+    );
+    assert!(
+        matches!(&results[2], Err(EngineError::Processing { error_type, .. }) if error_type == "ValueError")
+    );
+    // The channel is still in step: the skipped events run next, in order.
+    let rest: Vec<&CloudEvent> = evs[3..].iter().collect();
+    let results = w.process_batch(&rest).await;
+    assert_eq!(results.len(), 2);
+    assert_eq!(
+        results[1].as_ref().unwrap().as_ref().unwrap()["data"],
+        json!([1, 2, "boom", 4, 5])
+    );
+
+    // A crash mid-batch: the crashed event errs, the rest are not run, and
+    // the next batch gets a fresh process.
+    let evs: Vec<CloudEvent> = [json!(6), json!("exit"), json!(7)]
+        .into_iter()
+        .map(event)
+        .collect();
+    let refs: Vec<&CloudEvent> = evs.iter().collect();
+    let results = w.process_batch(&refs).await;
+    assert_eq!(results.len(), 2);
+    assert!(
+        matches!(&results[1], Err(EngineError::Crashed(_))),
+        "{:?}",
+        results[1]
+    );
+    let again = [event(json!(8))];
+    let refs: Vec<&CloudEvent> = again.iter().collect();
+    let results = w.process_batch(&refs).await;
+    assert_eq!(
+        results[0].as_ref().unwrap().as_ref().unwrap()["data"],
+        json!([8])
+    );
+}

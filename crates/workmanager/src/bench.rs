@@ -32,6 +32,12 @@ pub struct BenchArgs {
     /// Python interpreter.
     #[arg(long, default_value = "python3")]
     python: String,
+    /// Messages pushed through one worker in the throughput scenarios.
+    #[arg(long, default_value_t = 50_000)]
+    messages: usize,
+    /// Messages for the max_concurrency scaling scenario (1 ms CPU each).
+    #[arg(long, default_value_t = 3_000)]
+    cpu_messages: usize,
 }
 
 const ECHO: &str = "import sys, json\nw = sys.stdout.buffer\nfor line in sys.stdin.buffer:\n    \
@@ -41,7 +47,7 @@ const ECHO_WORKER: &str =
     "def Process(event):\n    return {'type': 'bench.out', 'data': event['data']}\n";
 
 /// ~1 KB of event data.
-fn payload() -> serde_json::Value {
+pub(crate) fn payload() -> serde_json::Value {
     serde_json::json!({"symbol": "EURUSD", "payload": "x".repeat(900)})
 }
 
@@ -93,15 +99,15 @@ fn children(pid: u32) -> Vec<u32> {
 }
 
 /// A bare echo child driven directly over its pipes.
-struct Bare {
-    child: tokio::process::Child,
-    stdin: tokio::process::ChildStdin,
-    stdout: BufReader<tokio::process::ChildStdout>,
+pub(crate) struct Bare {
+    pub(crate) child: tokio::process::Child,
+    pub(crate) stdin: tokio::process::ChildStdin,
+    pub(crate) stdout: BufReader<tokio::process::ChildStdout>,
     line: String,
 }
 
 impl Bare {
-    async fn start(python: &Path) -> Result<Self> {
+    pub(crate) async fn start(python: &Path) -> Result<Self> {
         let mut child = tokio::process::Command::new(python)
             .args(["-E", "-s", "-u", "-c", ECHO])
             .stdin(Stdio::piped())
@@ -131,10 +137,11 @@ impl Bare {
 }
 
 /// One service under test, with its own state directory.
-struct Bench {
+pub(crate) struct Bench {
     child: tokio::process::Child,
-    pid: u32,
-    client: WorkManagerClient<Channel>,
+    pub(crate) pid: u32,
+    pub(crate) http: u16,
+    pub(crate) client: WorkManagerClient<Channel>,
     _dir: tempfile::TempDir,
 }
 
@@ -166,10 +173,12 @@ impl Bench {
         let pid = child
             .id()
             .ok_or_else(|| anyhow!("the service exited at once"))?;
-        let client = connect(wait_port(&port_file).await?).await?;
+        let (grpc, http) = wait_port(&port_file).await?;
+        let client = connect(grpc).await?;
         Ok(Bench {
             child,
             pid,
+            http,
             client,
             _dir: dir,
         })
@@ -191,19 +200,24 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let (python, version) = (interpreter.executable, interpreter.version);
     let mut standard = Bench::start(&python, "standard").await?;
     let mut off = Bench::start(&python, "off").await?;
-    let result = measure(&args, &python, &version, &mut standard, &mut off.client).await;
+    let mut result = measure(&args, &python, &version, &mut standard, &mut off.client).await;
+    if result.is_ok() {
+        result =
+            crate::bench_throughput::run(args.messages, args.cpu_messages, &python, &mut standard)
+                .await;
+    }
     standard.stop().await;
     off.stop().await;
     result
 }
 
-async fn wait_port(path: &Path) -> Result<u16> {
+async fn wait_port(path: &Path) -> Result<(u16, u16)> {
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
         if let Ok(text) = std::fs::read_to_string(path) {
             let v: serde_json::Value = serde_json::from_str(&text)?;
-            if let Some(p) = v["grpc"].as_u64() {
-                return Ok(p as u16);
+            if let (Some(g), Some(h)) = (v["grpc"].as_u64(), v["http"].as_u64()) {
+                return Ok((g as u16, h as u16));
             }
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -218,7 +232,11 @@ async fn connect(port: u16) -> Result<WorkManagerClient<Channel>> {
     Ok(WorkManagerClient::new(channel))
 }
 
-async fn create(c: &mut WorkManagerClient<Channel>, code: &str, start: bool) -> Result<String> {
+pub(crate) async fn create(
+    c: &mut WorkManagerClient<Channel>,
+    code: &str,
+    start: bool,
+) -> Result<String> {
     let req = pb::CreateWorkerRequest {
         code_source: Some(pb::CodeSource {
             source: Some(pb::code_source::Source::Content(code.as_bytes().to_vec())),

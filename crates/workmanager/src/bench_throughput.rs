@@ -1,0 +1,230 @@
+//! Throughput scenarios of `workmanager bench`, measured in the same run as
+//! the latency figures: messages/s through one Python worker (publish over
+//! HTTP in CloudEvents batches → worker → output published, with a gRPC
+//! subscriber on the output topic) next to a bare JSON-lines child kept 64
+//! messages deep (the limit); service CPU per message; and the gain of
+//! `max_concurrency = 2` for a worker that burns ~1 ms of CPU per message.
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Result};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use workmanager_api::pb;
+
+use crate::bench::{payload, Bare, Bench};
+
+const ECHO_WORKER: &str =
+    "def Process(event):\n    return {'type': 'tp.out', 'data': event['data']}\n";
+const BUSY_WORKER: &str = "import time\ndef Process(event):\n    t = time.perf_counter()\n    \
+                           while time.perf_counter() - t < 0.001:\n        pass\n    return None\n";
+const DEPTH: usize = 64;
+const BATCH: usize = 200;
+
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the ")" that ends the command name; utime and stime are 14 and 15.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    // USER_HZ is 100 on every Linux this runs on.
+    Some(ticks / 100.0)
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Messages/s of a bare echo child with `DEPTH` messages in flight.
+async fn bare_pipelined(python: &Path, n: usize) -> Result<f64> {
+    let mut bare = Bare::start(python).await?;
+    let line = {
+        let mut l = serde_json::to_vec(
+            &json!({"op": "process", "id": 1, "event": {"specversion": "1.0",
+            "id": "x", "source": "s", "type": "t", "data": payload()}}),
+        )?;
+        l.push(b'\n');
+        l
+    };
+    let permits = Arc::new(tokio::sync::Semaphore::new(DEPTH));
+    let mut stdin = bare.stdin;
+    let writer_permits = permits.clone();
+    let started = Instant::now();
+    let writer = tokio::spawn(async move {
+        for _ in 0..n {
+            let p = writer_permits.acquire().await?;
+            p.forget();
+            stdin.write_all(&line).await?;
+            stdin.flush().await?;
+        }
+        Ok::<_, anyhow::Error>(stdin)
+    });
+    let mut buf = String::new();
+    for _ in 0..n {
+        buf.clear();
+        if bare.stdout.read_line(&mut buf).await? == 0 {
+            bail!("the bare child exited");
+        }
+        permits.add_permits(1);
+    }
+    let elapsed = started.elapsed();
+    drop(writer.await??);
+    let _ = bare.child.kill().await;
+    Ok(n as f64 / elapsed.as_secs_f64())
+}
+
+struct Through {
+    rate: f64,
+    cpu_us_per_message: f64,
+    observed: usize,
+}
+
+/// Publishes `n` events in batches to a fresh worker and waits until it has
+/// processed them all.
+async fn through_service(
+    b: &mut Bench,
+    n: usize,
+    code: &str,
+    topic: &str,
+    max_concurrency: u32,
+) -> Result<Through> {
+    let req = pb::CreateWorkerRequest {
+        code_source: Some(pb::CodeSource {
+            source: Some(pb::code_source::Source::Content(code.as_bytes().to_vec())),
+            ..Default::default()
+        }),
+        mime_type: "text/x-python".into(),
+        topics: vec![topic.into()],
+        start: true,
+        max_concurrency,
+        ..Default::default()
+    };
+    let id = b.client.create_worker(req).await?.into_inner().id;
+    let observed = Arc::new(AtomicUsize::new(0));
+    let mut stream = b
+        .client
+        .subscribe(pb::SubscribeRequest {
+            topic: "tp.out".into(),
+        })
+        .await?
+        .into_inner();
+    let seen = observed.clone();
+    let watcher = tokio::spawn(async move {
+        while let Ok(Some(_)) = stream.message().await {
+            seen.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    let url = format!("http://127.0.0.1:{}/v1/topics/{topic}", b.http);
+    let http = reqwest::Client::new();
+    let event = |i: usize| {
+        json!({"specversion": "1.0", "id": i.to_string(), "source": "urn:bench", "type": "tp.in",
+                                  "datacontenttype": "application/json", "data": payload()})
+    };
+    let cpu_before = cpu_seconds(b.pid).unwrap_or(0.0);
+    let started = Instant::now();
+    let mut sent = 0;
+    while sent < n {
+        let batch: Vec<Value> = (sent..(sent + BATCH).min(n)).map(event).collect();
+        let r = http
+            .post(&url)
+            .header("content-type", "application/cloudevents-batch+json")
+            .json(&batch)
+            .send()
+            .await?;
+        if r.status() == 503 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            continue;
+        }
+        if !r.status().is_success() {
+            bail!("publish failed: {}", r.text().await.unwrap_or_default());
+        }
+        sent += batch.len();
+    }
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let w = b
+            .client
+            .get_worker(pb::GetWorkerRequest { id: id.clone() })
+            .await?
+            .into_inner();
+        if w.messages_processed + w.messages_failed >= n as u64 {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(anyhow!(
+                "the worker processed {} of {n} messages in 300 s",
+                w.messages_processed
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed = started.elapsed();
+    let cpu = cpu_seconds(b.pid).unwrap_or(0.0) - cpu_before;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    watcher.abort();
+    b.client
+        .delete_worker(pb::DeleteWorkerRequest { id })
+        .await?;
+    Ok(Through {
+        rate: n as f64 / elapsed.as_secs_f64(),
+        cpu_us_per_message: cpu * 1e6 / n as f64,
+        observed: observed.load(Ordering::Relaxed),
+    })
+}
+
+pub(crate) async fn run(
+    messages: usize,
+    cpu_messages: usize,
+    python: &Path,
+    b: &mut Bench,
+) -> Result<()> {
+    if messages == 0 || cpu_messages == 0 {
+        bail!("--messages and --cpu-messages must be at least 1");
+    }
+    let rss_before = rss_kib(b.pid);
+    let bare = bare_pipelined(python, messages).await?;
+    let echo = through_service(b, messages, ECHO_WORKER, "tp.in", 1).await?;
+    let rss_after = rss_kib(b.pid);
+    let one = through_service(b, cpu_messages, BUSY_WORKER, "cpu.one", 1).await?;
+    let two = through_service(b, cpu_messages, BUSY_WORKER, "cpu.two", 2).await?;
+    println!("\n### Throughput\n");
+    println!("{messages} messages of ~1 KB; CloudEvents batches of {BATCH} over HTTP; bare child {DEPTH} deep.\n");
+    println!("| scenario | messages/s |\n|---|---|");
+    println!("| bare `python3 -E -s -u` echo child, {DEPTH} in flight (the limit) | {bare:.0} |");
+    println!(
+        "| publish → one Python worker → output published ({} seen by a gRPC subscriber) | {:.0} ({:.0}% of the limit) |",
+        echo.observed,
+        echo.rate,
+        echo.rate / bare * 100.0
+    );
+    println!(
+        "| 1 ms-CPU worker, max_concurrency = 1 ({cpu_messages} messages) | {:.0} |",
+        one.rate
+    );
+    println!(
+        "| 1 ms-CPU worker, max_concurrency = 2 | {:.0} ({:.2}×) |",
+        two.rate,
+        two.rate / one.rate
+    );
+    println!(
+        "\nService CPU per message (the Python children excluded): {:.1} µs.",
+        echo.cpu_us_per_message
+    );
+    if let (Some(a), Some(z)) = (rss_before, rss_after) {
+        println!(
+            "Service RSS before / after the {messages}-message run: {:.1} MB / {:.1} MB.",
+            a as f64 / 1024.0,
+            z as f64 / 1024.0
+        );
+    }
+    Ok(())
+}
