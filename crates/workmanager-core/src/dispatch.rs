@@ -15,6 +15,8 @@ use crate::bus::{Ack, Delivery, Subscription};
 use crate::error::CoreError;
 use crate::event::CloudEvent;
 use crate::manager::{Manager, Slot};
+use crate::metrics::TopicCounters;
+use prometheus_client::metrics::counter::Counter;
 
 /// Topic of lifecycle events.
 pub const LIFECYCLE_TOPIC: &str = "workmanager.lifecycle";
@@ -158,10 +160,14 @@ impl Manager {
         delivery: Delivery,
         first: crate::error::Result<Option<CloudEvent>>,
     ) {
-        let metrics = &self.inner.metrics;
-        let topic = delivery.topic.clone();
-        let worker = slot.id.to_string();
-        metrics.record_message(&topic, &worker, "received");
+        // Handles resolved when the worker was created: no label lookups here.
+        let counters = slot.topic_counters.get(&delivery.topic);
+        let count = |pick: fn(&TopicCounters) -> &Counter| {
+            if let Some(c) = counters {
+                pick(c).inc();
+            }
+        };
+        count(|c| &c.received);
         let retries = self.inner.settings.retry_attempts;
         let mut attempt = 0u32;
         let mut outcome = first;
@@ -170,13 +176,13 @@ impl Manager {
                 Ok(output) => {
                     if let Some(mut out) = output {
                         match route(&delivery.event, &mut out) {
-                            Some(dest) => self.publish_or_warn(&dest, out, &worker).await,
+                            Some(dest) => self.publish_or_warn(&dest, out, slot.id.as_str()).await,
                             None => {
-                                tracing::warn!(worker_id = %worker, "output has no destination topic; dropped")
+                                tracing::warn!(worker_id = %slot.id, "output has no destination topic; dropped")
                             }
                         }
                     }
-                    metrics.record_message(&topic, &worker, "processed");
+                    count(|c| &c.processed);
                     break;
                 }
                 // A worker without runnable code (FAILED, deleted) fails fast.
@@ -188,8 +194,9 @@ impl Manager {
                     outcome = self.invoke_slot(slot, &delivery.event).await;
                 }
                 Err(e) => {
-                    metrics.record_message(&topic, &worker, "failed");
-                    self.dead_letter(slot, &topic, &delivery.event, &e, attempt + 1)
+                    count(|c| &c.failed);
+                    count(|c| &c.dead_lettered);
+                    self.dead_letter(slot, &delivery.topic, &delivery.event, &e, attempt + 1)
                         .await;
                     break;
                 }
@@ -223,9 +230,6 @@ impl Manager {
         dead.0
             .insert("deadletterattempts".into(), Value::from(attempts));
         let dead_topic = format!("{topic}-dead");
-        self.inner
-            .metrics
-            .record_message(topic, slot.id.as_str(), "dead_lettered");
         self.publish_or_warn(&dead_topic, dead, slot.id.as_str())
             .await;
         let ctx = RequestContext::system();

@@ -101,6 +101,9 @@ pub(crate) struct Slot {
     pub(crate) max_concurrency: u32,
     /// The consumer task while the worker is online.
     pub(crate) dispatch: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Metric handles resolved at creation: the message path does no lookups.
+    pub(crate) topic_counters: HashMap<String, crate::metrics::TopicCounters>,
+    engine_counters: crate::metrics::EngineCounters,
     /// Serialises lifecycle operations on this worker.
     op: tokio::sync::Mutex<()>,
     /// The record and its store version (for CAS writes).
@@ -116,6 +119,7 @@ impl Slot {
         record: WorkerRecord,
         version: Version,
         engine: Option<Arc<dyn LoadedWorker>>,
+        metrics: &Metrics,
     ) -> Self {
         Self {
             id: record.id.clone(),
@@ -124,6 +128,12 @@ impl Slot {
             topics: record.topics.clone(),
             max_concurrency: record.max_concurrency.max(1),
             dispatch: tokio::sync::Mutex::new(None),
+            topic_counters: record
+                .topics
+                .iter()
+                .map(|t| (t.clone(), metrics.topic_counters(t, record.id.as_str())))
+                .collect(),
+            engine_counters: metrics.engine_counters(&record.mime_type),
             op: tokio::sync::Mutex::new(()),
             state: Mutex::new((record, version)),
             engine: RwLock::new(engine),
@@ -344,7 +354,12 @@ impl Manager {
                 return Err(e);
             }
         };
-        let slot = Arc::new(Slot::new(record, version, Some(loaded)));
+        let slot = Arc::new(Slot::new(
+            record,
+            version,
+            Some(loaded),
+            &self.inner.metrics,
+        ));
         self.insert(slot.clone());
         self.lifecycle(ctx, &slot, "registered", None);
         if req.start {
@@ -878,10 +893,7 @@ impl Manager {
         seconds: f64,
     ) -> Result<Option<CloudEvent>> {
         let outcome = self.finish(slot, engine, event, result);
-        let label = if outcome.is_ok() { "ok" } else { "error" };
-        self.inner
-            .metrics
-            .record_invocation(&slot.mime_type, label, seconds);
+        slot.engine_counters.record(outcome.is_ok(), seconds);
         match &outcome {
             Ok(_) => slot.processed.fetch_add(1, Ordering::Relaxed),
             Err(_) => slot.failed.fetch_add(1, Ordering::Relaxed),

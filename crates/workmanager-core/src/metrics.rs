@@ -50,6 +50,28 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.000_05, 2.0, 20))
 }
 
+#[derive(Clone, Debug)]
+pub struct TopicCounters {
+    pub received: Counter,
+    pub processed: Counter,
+    pub failed: Counter,
+    pub dead_lettered: Counter,
+}
+
+#[derive(Clone, Debug)]
+pub struct EngineCounters {
+    ok: Counter,
+    error: Counter,
+    seconds: Histogram,
+}
+
+impl EngineCounters {
+    pub fn record(&self, ok: bool, seconds: f64) {
+        if ok { &self.ok } else { &self.error }.inc();
+        self.seconds.observe(seconds);
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     /// Workers by status; refreshed by the manager just before rendering.
@@ -137,20 +159,6 @@ impl Metrics {
         }
     }
 
-    pub fn record_invocation(&self, engine: &str, outcome: &str, seconds: f64) {
-        self.invocations
-            .get_or_create(&InvocationLabels {
-                engine: engine.into(),
-                outcome: outcome.into(),
-            })
-            .inc();
-        self.invocation_seconds
-            .get_or_create(&EngineLabels {
-                engine: engine.into(),
-            })
-            .observe(seconds);
-    }
-
     pub fn record_restart(&self, engine: &str) {
         self.engine_restarts
             .get_or_create(&EngineLabels {
@@ -159,14 +167,46 @@ impl Metrics {
             .inc();
     }
 
-    pub fn record_message(&self, topic: &str, worker: &str, outcome: &str) {
-        self.messages
-            .get_or_create(&MessageLabels {
-                topic: topic.into(),
-                worker: worker.into(),
-                outcome: outcome.into(),
-            })
-            .inc();
+    /// One worker's message counters on one topic, resolved once so the
+    /// message path does no label lookups.
+    pub fn topic_counters(&self, topic: &str, worker: &str) -> TopicCounters {
+        let c = |outcome: &str| {
+            self.messages
+                .get_or_create(&MessageLabels {
+                    topic: topic.into(),
+                    worker: worker.into(),
+                    outcome: outcome.into(),
+                })
+                .clone()
+        };
+        TopicCounters {
+            received: c("received"),
+            processed: c("processed"),
+            failed: c("failed"),
+            dead_lettered: c("dead_lettered"),
+        }
+    }
+
+    /// An engine's invocation metrics, resolved once.
+    pub fn engine_counters(&self, engine: &str) -> EngineCounters {
+        let c = |outcome: &str| {
+            self.invocations
+                .get_or_create(&InvocationLabels {
+                    engine: engine.into(),
+                    outcome: outcome.into(),
+                })
+                .clone()
+        };
+        EngineCounters {
+            ok: c("ok"),
+            error: c("error"),
+            seconds: self
+                .invocation_seconds
+                .get_or_create(&EngineLabels {
+                    engine: engine.into(),
+                })
+                .clone(),
+        }
     }
 
     pub fn record_backpressure(&self, topic: &str) {

@@ -277,7 +277,7 @@ impl Manager {
         };
         let status = record.status;
         let error = record.last_error.clone();
-        let slot = Arc::new(Slot::new(record, version, engine));
+        let slot = Arc::new(Slot::new(record, version, engine, &self.inner.metrics));
         self.insert(slot.clone());
         self.lifecycle(ctx, &slot, "registered", None);
         match status {

@@ -38,6 +38,9 @@ pub struct BenchArgs {
     /// Messages for the max_concurrency scaling scenario (1 ms CPU each).
     #[arg(long, default_value_t = 3_000)]
     cpu_messages: usize,
+    /// Messages of the RSS soak (0: skip).
+    #[arg(long, default_value_t = 0)]
+    soak_messages: usize,
 }
 
 const ECHO: &str = "import sys, json\nw = sys.stdout.buffer\nfor line in sys.stdin.buffer:\n    \
@@ -202,9 +205,14 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let mut off = Bench::start(&python, "off").await?;
     let mut result = measure(&args, &python, &version, &mut standard, &mut off.client).await;
     if result.is_ok() {
-        result =
-            crate::bench_throughput::run(args.messages, args.cpu_messages, &python, &mut standard)
-                .await;
+        result = crate::bench_throughput::run(
+            args.messages,
+            args.cpu_messages,
+            args.soak_messages,
+            &python,
+            &mut standard,
+        )
+        .await;
     }
     standard.stop().await;
     off.stop().await;

@@ -86,6 +86,8 @@ struct Through {
     rate: f64,
     cpu_us_per_message: f64,
     observed: usize,
+    /// Service RSS (KiB) sampled every 500 ms during the run.
+    rss: Vec<u64>,
 }
 
 /// Publishes `n` events in batches to a fresh worker and waits until it has
@@ -130,6 +132,21 @@ async fn through_service(
                                   "datacontenttype": "application/json", "data": payload()})
     };
     let cpu_before = cpu_seconds(b.pid).unwrap_or(0.0);
+    let pid = b.pid;
+    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let sampler = tokio::spawn(async move {
+        let mut samples = Vec::new();
+        loop {
+            tokio::select! {
+                _ = &mut stop_rx => return samples,
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+            match rss_kib(pid) {
+                Some(k) => samples.push(k),
+                None => return samples,
+            }
+        }
+    });
     let started = Instant::now();
     let mut sent = 0;
     while sent < n {
@@ -169,6 +186,8 @@ async fn through_service(
     }
     let elapsed = started.elapsed();
     let cpu = cpu_seconds(b.pid).unwrap_or(0.0) - cpu_before;
+    let _ = stop_tx.send(());
+    let rss = sampler.await.unwrap_or_default();
     tokio::time::sleep(Duration::from_millis(200)).await;
     watcher.abort();
     b.client
@@ -178,12 +197,14 @@ async fn through_service(
         rate: n as f64 / elapsed.as_secs_f64(),
         cpu_us_per_message: cpu * 1e6 / n as f64,
         observed: observed.load(Ordering::Relaxed),
+        rss,
     })
 }
 
 pub(crate) async fn run(
     messages: usize,
     cpu_messages: usize,
+    soak_messages: usize,
     python: &Path,
     b: &mut Bench,
 ) -> Result<()> {
@@ -225,6 +246,24 @@ pub(crate) async fn run(
             a as f64 / 1024.0,
             z as f64 / 1024.0
         );
+    }
+    if soak_messages > 0 {
+        let soak = through_service(b, soak_messages, ECHO_WORKER, "tp.in", 1).await?;
+        // Flatness is judged after the first fifth (allocator and buffers warm up).
+        let steady = &soak.rss[soak.rss.len() / 5..];
+        if let (Some(lo), Some(hi)) = (steady.iter().min(), steady.iter().max()) {
+            let mb = |k: u64| k as f64 / 1024.0;
+            println!(
+                "\nSoak: {soak_messages} messages at {:.0}/s; service RSS over the last four fifths: \
+                 {:.1}–{:.1} MB ({:+.1}% max over min; {} samples), CPU {:.1} µs/message.",
+                soak.rate,
+                mb(*lo),
+                mb(*hi),
+                (*hi as f64 / *lo as f64 - 1.0) * 100.0,
+                steady.len(),
+                soak.cpu_us_per_message
+            );
+        }
     }
     Ok(())
 }
