@@ -72,7 +72,16 @@ pub fn document() -> Value {
                     vec![id_param(), json!({"name": "key", "in": "path", "required": true, "schema": {"type": "string"}})])
             },
             "/v1/recover": {"post": op("Recover persisted workers not hosted yet", "workers", None, "200")},
-            "/v1/engines": {"get": op("Engines by MIME type", "engines", None, "200")}
+            "/v1/engines": {"get": op("Engines by MIME type", "engines", None, "200")},
+            "/v1/topics/{topic}": {"post": with_params(
+                op("Publish CloudEvents: structured (application/cloudevents+json), batch \
+                    (application/cloudevents-batch+json) or binary mode (ce-* headers); 413 over \
+                    Messaging:MaxEventBytes, 503 with Retry-After under backpressure", "topics", None, "202"),
+                vec![json!({"name": "topic", "in": "path", "required": true, "schema": {"type": "string"}})])},
+            "/v1/topics/{topic}/events": {"get": with_params(
+                json!({"summary": "The topic's events as Server-Sent Events (event: cloudevent)", "tags": ["topics"],
+                       "responses": {"200": {"description": "text/event-stream"}}}),
+                vec![json!({"name": "topic", "in": "path", "required": true, "schema": {"type": "string"}})])}
         },
         "components": {"schemas": {
             "Error": {"type": "object", "properties": {

@@ -259,6 +259,11 @@ impl Manager {
         })
     }
 
+    /// The bus backend's name, for health and logs.
+    pub fn bus_name(&self) -> &'static str {
+        self.inner.bus.name()
+    }
+
     /// A live feed of a topic (observers: gRPC Subscribe, SSE).
     pub fn watch(
         &self,
