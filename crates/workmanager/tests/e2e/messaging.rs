@@ -488,3 +488,93 @@ async fn ten_thousand_events_every_one_accounted_for_once() {
         "an event was lost or delivered twice"
     );
 }
+
+#[tokio::test]
+async fn a_full_queue_pushes_back_with_a_retry_hint() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = Service::start_ready(
+        dir.path(),
+        &[
+            "Messaging:QueueCapacity=2",
+            "Messaging:PublishTimeoutMs=100",
+        ],
+    )
+    .await;
+    let mut c = svc.grpc().await;
+    let mut req = create_req(
+        "import time\ndef Process(event):\n    time.sleep(1)\n    return None\n",
+        true,
+    );
+    req.topics = vec!["busy".into()];
+    c.create_worker(req).await.unwrap();
+    let http = reqwest::Client::new();
+    let mut refused = None;
+    for n in 0..10 {
+        let r = http
+            .post(svc.url("/v1/topics/busy"))
+            .header("content-type", "application/cloudevents+json")
+            .json(&ce(&n.to_string(), json!(n), json!({})))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 503 {
+            refused = Some(r);
+            break;
+        }
+        assert_eq!(r.status(), 202);
+    }
+    let r = refused.expect("a worker 1 s per message with a queue of 2 never pushed back");
+    assert_eq!(r.headers()["retry-after"], "1");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["code"], "UNAVAILABLE");
+    assert!(
+        body["message"].as_str().unwrap().contains("retry"),
+        "{body}"
+    );
+    let err = c
+        .publish(pb::PublishRequest {
+            topic: "busy".into(),
+            event: Some(workmanager_api::convert::event_to_proto(
+                &workmanager_core::CloudEvent::from_input(ce("g", json!(0), json!({}))),
+            )),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable);
+    let metrics = reqwest::get(svc.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("workmanager_backpressure_rejections_total{topic=\"busy\"}"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn invoke_with_publish_routes_the_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = Service::start_ready(dir.path(), &[]).await;
+    let mut c = svc.grpc().await;
+    let id = create(
+        &mut c,
+        "def Process(event):\n    return {'type': 'invoked.out', 'data': event['data']}\n",
+        false,
+    )
+    .await;
+    let mut out = subscribe(&mut c, "invoked.out").await;
+    let e = workmanager_core::CloudEvent::from_input(ce("i-1", json!(5), json!({})));
+    let r = c
+        .invoke_worker(pb::InvokeWorkerRequest {
+            id,
+            event: Some(workmanager_api::convert::event_to_proto(&e)),
+            publish: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.event.is_some(), "the output is returned too");
+    assert_eq!(next(&mut out).await["data"], 5);
+}
