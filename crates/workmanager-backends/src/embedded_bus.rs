@@ -3,7 +3,7 @@
 //! feed per topic for observers. Messages live in memory: at-most-once
 //! across a crash (the durable backends give at-least-once).
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -24,12 +24,19 @@ pub struct EmbeddedBus {
 
 #[derive(Default)]
 struct State {
-    /// topic → the groups subscribed to it.
-    topics: HashMap<String, Vec<String>>,
-    /// group → its queue.
+    /// topic → its subscribed groups.
+    topics: HashMap<String, TopicEntry>,
+    /// group → its queue (the sender the topics hold copies of).
     groups: HashMap<String, mpsc::Sender<Delivery>>,
     /// topic → observer feed.
     watches: HashMap<String, broadcast::Sender<CloudEvent>>,
+}
+
+struct TopicEntry {
+    /// The topic's name, shared by all its deliveries.
+    name: Arc<str>,
+    /// (group, its queue), so a publish copies only queue handles.
+    groups: Vec<(String, mpsc::Sender<Delivery>)>,
 }
 
 impl EmbeddedBus {
@@ -53,30 +60,27 @@ impl Bus for EmbeddedBus {
     }
 
     async fn publish(&self, topic: &str, event: CloudEvent) -> Result<(), BusError> {
-        let (senders, watch) = {
+        let (name, senders, watch) = {
             let state = self.state();
-            let senders: Vec<(String, mpsc::Sender<Delivery>)> = state
-                .topics
-                .get(topic)
-                .map(|groups| {
-                    groups
-                        .iter()
-                        .filter_map(|g| state.groups.get(g).map(|s| (g.clone(), s.clone())))
-                        .collect()
-                })
-                .unwrap_or_default();
-            (senders, state.watches.get(topic).cloned())
+            let (name, senders) = match state.topics.get(topic) {
+                Some(t) => (
+                    t.name.clone(),
+                    t.groups.iter().map(|(_, s)| s.clone()).collect(),
+                ),
+                None => (Arc::from(topic), Vec::new()),
+            };
+            (name, senders, state.watches.get(topic).cloned())
         };
         // Reserve room in every group first: all of them get it, or none.
         let mut permits = Vec::with_capacity(senders.len());
         let deadline = tokio::time::Instant::now() + self.publish_wait;
-        for (group, sender) in &senders {
+        for sender in &senders {
             match tokio::time::timeout_at(deadline, sender.reserve()).await {
                 Ok(Ok(permit)) => permits.push(permit),
                 Ok(Err(_)) => {} // the group left meanwhile
                 Err(_) => {
                     return Err(BusError::Backpressure(format!(
-                        "consumer {group} of topic {topic:?} is {} messages behind; retry shortly",
+                        "a consumer of topic {topic:?} is {} messages behind; retry shortly",
                         self.capacity
                     )))
                 }
@@ -94,7 +98,7 @@ impl Bus for EmbeddedBus {
             };
             if let Some(e) = copy {
                 permit.send(Delivery {
-                    topic: topic.to_string(),
+                    topic: name.clone(),
                     event: e,
                     acker: None,
                 });
@@ -109,24 +113,26 @@ impl Bus for EmbeddedBus {
     async fn subscribe(&self, topics: &[String], group: &str) -> Result<Subscription, BusError> {
         let (tx, rx) = mpsc::channel(self.capacity);
         let mut state = self.state();
-        state.groups.insert(group.to_string(), tx);
         for t in topics {
-            let groups = state.topics.entry(t.clone()).or_default();
-            if !groups.iter().any(|g| g == group) {
-                groups.push(group.to_string());
-            }
+            let entry = state.topics.entry(t.clone()).or_insert_with(|| TopicEntry {
+                name: Arc::from(t.as_str()),
+                groups: Vec::new(),
+            });
+            entry.groups.retain(|(g, _)| g != group);
+            entry.groups.push((group.to_string(), tx.clone()));
         }
+        state.groups.insert(group.to_string(), tx);
         Ok(Subscription { receiver: rx })
     }
 
     async fn unsubscribe(&self, topics: &[String], group: &str) {
         let mut state = self.state();
         for t in topics {
-            if let Some(groups) = state.topics.get_mut(t) {
-                groups.retain(|g| g != group);
+            if let Some(entry) = state.topics.get_mut(t) {
+                entry.groups.retain(|(g, _)| g != group);
             }
         }
-        // Dropping the sender lets the consumer drain what is queued, then end.
+        // With every sender gone, the consumer drains what is queued, then ends.
         state.groups.remove(group);
     }
 
@@ -172,10 +178,7 @@ mod tests {
             assert_eq!(b.receiver.recv().await.unwrap().event.0["data"], json!(n));
         }
         let d = b.receiver.recv().await.unwrap();
-        assert_eq!(
-            (d.topic.as_str(), d.event.0["data"].clone()),
-            ("u", json!(99))
-        );
+        assert_eq!((&*d.topic, d.event.0["data"].clone()), ("u", json!(99)));
         assert!(a.receiver.try_recv().is_err());
     }
 

@@ -38,7 +38,8 @@ pub trait Acker: Send + Sync {
 
 /// One message delivered to a consumer group.
 pub struct Delivery {
-    pub topic: String,
+    /// Shared with every delivery of the topic: no allocation per message.
+    pub topic: std::sync::Arc<str>,
     pub event: CloudEvent,
     pub acker: Option<Box<dyn Acker>>,
 }

@@ -161,7 +161,7 @@ impl Manager {
         first: crate::error::Result<Option<CloudEvent>>,
     ) {
         // Handles resolved when the worker was created: no label lookups here.
-        let counters = slot.topic_counters.get(&delivery.topic);
+        let counters = slot.topic_counters.get(&*delivery.topic);
         let count = |pick: fn(&TopicCounters) -> &Counter| {
             if let Some(c) = counters {
                 pick(c).inc();
