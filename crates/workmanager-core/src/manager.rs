@@ -856,8 +856,12 @@ impl Manager {
         slot: &Arc<Slot>,
         inputs: &[&CloudEvent],
     ) -> Vec<Result<Option<CloudEvent>>> {
+        let Some(first) = inputs.first() else {
+            return Vec::new();
+        };
         let Some(engine) = slot.engine() else {
-            return vec![self.invoke_slot(slot, inputs[0]).await];
+            // No runnable code: the first event reports why; the rest wait.
+            return vec![self.invoke_slot(slot, first).await];
         };
         let stamped: Vec<CloudEvent>;
         let events: Vec<&CloudEvent> = if slot.config.is_empty() {

@@ -50,6 +50,24 @@ async fn next(s: &mut Streaming<pb::CloudEventMessage>) -> Value {
     Value::Object(event_from_proto(msg.event.unwrap()).unwrap().0)
 }
 
+/// Publishes events numbered 0..n (their data) in CloudEvents batches of 100.
+async fn publish_numbered(svc: &Service, topic: &str, n: i64) {
+    let http = reqwest::Client::new();
+    for chunk in 0..(n + 99) / 100 {
+        let batch: Vec<Value> = (chunk * 100..((chunk + 1) * 100).min(n))
+            .map(|i| ce(&format!("e{i}"), json!(i), json!({})))
+            .collect();
+        let r = http
+            .post(svc.url(&format!("/v1/topics/{topic}")))
+            .header("content-type", "application/cloudevents-batch+json")
+            .json(&batch)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202, "{}", r.text().await.unwrap_or_default());
+    }
+}
+
 async fn nothing_on(s: &mut Streaming<pb::CloudEventMessage>, wait_ms: u64) -> bool {
     tokio::time::timeout(Duration::from_millis(wait_ms), s.message())
         .await
@@ -149,20 +167,7 @@ async fn fan_out_keeps_per_worker_order_and_skips_probes() {
     let mut b = subscribe(&mut c, "fan.b").await;
     publish(&mut c, "fan", json!({"specversion": "1.0", "id": "p", "source": "s", "type": "com.virtufin.workmanager.topic-probe"}))
         .await;
-    let http = reqwest::Client::new();
-    for chunk in 0..10 {
-        let batch: Vec<Value> = (0..100)
-            .map(|i| ce(&format!("{chunk}-{i}"), json!(chunk * 100 + i), json!({})))
-            .collect();
-        let r = http
-            .post(svc.url("/v1/topics/fan"))
-            .header("content-type", "application/cloudevents-batch+json")
-            .json(&batch)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 202);
-    }
+    publish_numbered(&svc, "fan", 1000).await;
     for sub in [&mut a, &mut b] {
         for n in 0..1000 {
             assert_eq!(next(sub).await["data"], json!(n), "order broken");
@@ -422,20 +427,7 @@ async fn ten_thousand_events_every_one_accounted_for_once() {
     req.topics = vec!["done".into(), "work-dead".into()];
     let collector_id = c.create_worker(req).await.unwrap().into_inner().id;
 
-    let http = reqwest::Client::new();
-    for chunk in 0..100 {
-        let batch: Vec<Value> = (0..100)
-            .map(|i| ce(&format!("e{chunk}-{i}"), json!(chunk * 100 + i), json!({})))
-            .collect();
-        let r = http
-            .post(svc.url("/v1/topics/work"))
-            .header("content-type", "application/cloudevents-batch+json")
-            .json(&batch)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 202, "{}", r.text().await.unwrap_or_default());
-    }
+    publish_numbered(&svc, "work", 10_000).await;
     let report = |c: &mut Client| {
         let id = collector_id.clone();
         let mut c = c.clone();
