@@ -183,7 +183,10 @@ pub async fn run(server: &str, output: Output, cmd: ClientCmd) -> Result<()> {
             while let Some(msg) = stream.message().await.map_err(status_error)? {
                 if let Some(e) = msg.event {
                     let e = event_from_proto(e).map_err(status_error)?;
-                    println!("{}", serde_json::Value::Object(e.0));
+                    // A closed stdout (e.g. `| head -1`) ends the subscription quietly.
+                    if emit(&serde_json::Value::Object(e.0).to_string()).is_err() {
+                        return Ok(());
+                    }
                 }
             }
             Ok(())
@@ -317,17 +320,23 @@ async fn workers(
             match r.event {
                 Some(e) => {
                     let e = event_from_proto(e).map_err(status_error)?;
-                    println!(
-                        "{}",
-                        serde_json::to_string_pretty(&serde_json::Value::Object(e.0))?
-                    );
+                    emit(&serde_json::to_string_pretty(&serde_json::Value::Object(
+                        e.0,
+                    ))?)?;
                 }
-                None if output == Output::Json => println!("{{}}"),
-                None => println!("(the worker returned nothing)"),
+                None if output == Output::Json => emit("{}")?,
+                None => emit("(the worker returned nothing)")?,
             }
             Ok(())
         }
     }
+}
+
+/// Writes one line to stdout; an error (closed pipe) is returned, not a panic.
+fn emit(line: &str) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}").context("cannot write to standard output")
 }
 
 async fn connect(server: &str) -> Result<WorkManagerClient<Channel>> {
@@ -355,11 +364,11 @@ fn status_error(s: tonic::Status) -> anyhow::Error {
 
 fn print<T: Serialize>(output: Output, value: &T, human: impl FnOnce() -> String) -> Result<()> {
     match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(value)?),
+        Output::Json => emit(&serde_json::to_string_pretty(value)?)?,
         Output::Table => {
             let text = human();
             if !text.is_empty() {
-                println!("{text}");
+                emit(&text)?;
             }
         }
     }
