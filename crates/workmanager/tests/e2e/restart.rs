@@ -287,3 +287,42 @@ async fn readiness_waits_for_recovery() {
     assert_eq!(workers.len(), 1);
     assert_eq!(workers[0].status(), WorkerStatus::Running);
 }
+
+#[tokio::test]
+async fn recovered_running_workers_consume_their_topics_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let code = "def Process(event):\n    return {'type': 'back.out', 'data': event['data']}\n";
+    {
+        let mut svc = Service::start_ready(dir.path(), &[]).await;
+        let mut c = svc.grpc().await;
+        let mut req = create_req(code, true);
+        req.topics = vec!["back.in".into()];
+        c.create_worker(req).await.unwrap();
+        svc.terminate();
+    }
+    let svc = Service::start_ready(dir.path(), &[]).await;
+    let mut c = svc.grpc().await;
+    let mut out = c
+        .subscribe(pb::SubscribeRequest {
+            topic: "back.out".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let e = workmanager_core::CloudEvent::from_input(
+        json!({"specversion": "1.0", "id": "r-1", "source": "urn:test", "type": "in", "data": 42}),
+    );
+    c.publish(pb::PublishRequest {
+        topic: "back.in".into(),
+        event: Some(workmanager_api::convert::event_to_proto(&e)),
+    })
+    .await
+    .unwrap();
+    let msg = tokio::time::timeout(Duration::from_secs(20), out.message())
+        .await
+        .expect("the recovered worker did not answer")
+        .unwrap()
+        .unwrap();
+    let ev = workmanager_api::convert::event_from_proto(msg.event.unwrap()).unwrap();
+    assert_eq!(ev.0["data"], json!(42));
+}
