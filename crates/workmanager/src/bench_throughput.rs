@@ -98,6 +98,7 @@ async fn through_service(
     code: &str,
     topic: &str,
     max_concurrency: u32,
+    observe: bool,
 ) -> Result<Through> {
     let req = pb::CreateWorkerRequest {
         code_source: Some(pb::CodeSource {
@@ -112,19 +113,23 @@ async fn through_service(
     };
     let id = b.client.create_worker(req).await?.into_inner().id;
     let observed = Arc::new(AtomicUsize::new(0));
-    let mut stream = b
-        .client
-        .subscribe(pb::SubscribeRequest {
-            topic: "tp.out".into(),
-        })
-        .await?
-        .into_inner();
-    let seen = observed.clone();
-    let watcher = tokio::spawn(async move {
-        while let Ok(Some(_)) = stream.message().await {
-            seen.fetch_add(1, Ordering::Relaxed);
-        }
-    });
+    let watcher = if observe {
+        let mut stream = b
+            .client
+            .subscribe(pb::SubscribeRequest {
+                topic: "tp.out".into(),
+            })
+            .await?
+            .into_inner();
+        let seen = observed.clone();
+        Some(tokio::spawn(async move {
+            while let Ok(Some(_)) = stream.message().await {
+                seen.fetch_add(1, Ordering::Relaxed);
+            }
+        }))
+    } else {
+        None
+    };
     let url = format!("http://127.0.0.1:{}/v1/topics/{topic}", b.http);
     let http = reqwest::Client::new();
     let event = |i: usize| {
@@ -189,7 +194,9 @@ async fn through_service(
     let _ = stop_tx.send(());
     let rss = sampler.await.unwrap_or_default();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    watcher.abort();
+    if let Some(w) = watcher {
+        w.abort();
+    }
     b.client
         .delete_worker(pb::DeleteWorkerRequest { id })
         .await?;
@@ -213,10 +220,11 @@ pub(crate) async fn run(
     }
     let rss_before = rss_kib(b.pid);
     let bare = bare_pipelined(python, messages).await?;
-    let echo = through_service(b, messages, ECHO_WORKER, "tp.in", 1).await?;
+    let echo = through_service(b, messages, ECHO_WORKER, "tp.in", 1, true).await?;
+    let unobserved = through_service(b, messages, ECHO_WORKER, "tp.in", 1, false).await?;
     let rss_after = rss_kib(b.pid);
-    let one = through_service(b, cpu_messages, BUSY_WORKER, "cpu.one", 1).await?;
-    let two = through_service(b, cpu_messages, BUSY_WORKER, "cpu.two", 2).await?;
+    let one = through_service(b, cpu_messages, BUSY_WORKER, "cpu.one", 1, false).await?;
+    let two = through_service(b, cpu_messages, BUSY_WORKER, "cpu.two", 2, false).await?;
     println!("\n### Throughput\n");
     println!("{messages} messages of ~1 KB; CloudEvents batches of {BATCH} over HTTP; bare child {DEPTH} deep.\n");
     println!("| scenario | messages/s |\n|---|---|");
@@ -237,8 +245,14 @@ pub(crate) async fn run(
         two.rate / one.rate
     );
     println!(
-        "\nService CPU per message (the Python children excluded): {:.1} µs.",
-        echo.cpu_us_per_message
+        "| publish → one Python worker → output published, no subscriber | {:.0} ({:.0}% of the limit) |",
+        unobserved.rate,
+        unobserved.rate / bare * 100.0
+    );
+    println!(
+        "\nService CPU per message (the Python children excluded): {:.1} µs with the gRPC subscriber, \
+         {:.1} µs without.",
+        echo.cpu_us_per_message, unobserved.cpu_us_per_message
     );
     if let (Some(a), Some(z)) = (rss_before, rss_after) {
         println!(
@@ -248,7 +262,7 @@ pub(crate) async fn run(
         );
     }
     if soak_messages > 0 {
-        let soak = through_service(b, soak_messages, ECHO_WORKER, "tp.in", 1).await?;
+        let soak = through_service(b, soak_messages, ECHO_WORKER, "tp.in", 1, false).await?;
         // Flatness is judged after the first fifth (allocator and buffers warm up).
         let steady = &soak.rss[soak.rss.len() / 5..];
         if let (Some(lo), Some(hi)) = (steady.iter().min(), steady.iter().max()) {
