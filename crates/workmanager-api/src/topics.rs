@@ -169,12 +169,10 @@ pub(crate) async fn publish(
         _ => vec![binary(&headers, &body, content_type, &cid.0)?],
     };
     let count = events.len();
-    for event in events {
-        s.manager()
-            .publish(&topic, event)
-            .await
-            .map_err(|e| backpressure(e, &cid.0))?;
-    }
+    s.manager()
+        .publish_many(&topic, events)
+        .await
+        .map_err(|e| backpressure(e, &cid.0))?;
     Ok((StatusCode::ACCEPTED, Json(json!({"published": count}))).into_response())
 }
 

@@ -110,6 +110,59 @@ impl Bus for EmbeddedBus {
         Ok(())
     }
 
+    async fn publish_many(&self, topic: &str, events: Vec<CloudEvent>) -> Result<(), BusError> {
+        if events.len() <= 1 || events.len() > self.capacity {
+            // One event, or more than a queue holds: one by one.
+            for e in events {
+                self.publish(topic, e).await?;
+            }
+            return Ok(());
+        }
+        let (name, senders, watch) = {
+            let state = self.state();
+            let (name, senders): (Arc<str>, Vec<mpsc::Sender<Delivery>>) =
+                match state.topics.get(topic) {
+                    Some(t) => (
+                        t.name.clone(),
+                        t.groups.iter().map(|(_, s)| s.clone()).collect(),
+                    ),
+                    None => (Arc::from(topic), Vec::new()),
+                };
+            (name, senders, state.watches.get(topic).cloned())
+        };
+        // Room for the whole batch in every group, or nothing is published.
+        let n = events.len();
+        let mut permits = Vec::with_capacity(senders.len());
+        let deadline = tokio::time::Instant::now() + self.publish_wait;
+        for sender in &senders {
+            match tokio::time::timeout_at(deadline, sender.reserve_many(n)).await {
+                Ok(Ok(p)) => permits.push(p),
+                Ok(Err(_)) => {} // the group left meanwhile
+                Err(_) => {
+                    return Err(BusError::Backpressure(format!(
+                        "a consumer of topic {topic:?} has no room for {n} more messages; retry shortly"
+                    )))
+                }
+            }
+        }
+        let watch = watch.filter(|w| w.receiver_count() > 0);
+        for event in events {
+            for p in permits.iter_mut() {
+                if let Some(permit) = p.next() {
+                    permit.send(Delivery {
+                        topic: name.clone(),
+                        event: event.clone(),
+                        acker: None,
+                    });
+                }
+            }
+            if let Some(w) = &watch {
+                let _ = w.send(event);
+            }
+        }
+        Ok(())
+    }
+
     async fn subscribe(&self, topics: &[String], group: &str) -> Result<Subscription, BusError> {
         let (tx, rx) = mpsc::channel(self.capacity);
         let mut state = self.state();
@@ -200,6 +253,31 @@ mod tests {
             fast.receiver.try_recv().is_err(),
             "the refused message reached a group"
         );
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_published_whole_or_not_at_all() {
+        let bus = EmbeddedBus::new(4, Duration::from_millis(50));
+        let mut g = bus.subscribe(&["t".into()], "g").await.unwrap();
+        bus.publish_many("t", (0..3).map(ev).collect())
+            .await
+            .unwrap();
+        // Room for one more, not for three: refused whole.
+        let r = bus.publish_many("t", (3..6).map(ev).collect()).await;
+        assert!(matches!(r, Err(BusError::Backpressure(_))));
+        for n in 0..3 {
+            assert_eq!(g.receiver.recv().await.unwrap().event.0["data"], json!(n));
+        }
+        assert!(
+            g.receiver.try_recv().is_err(),
+            "part of a refused batch was delivered"
+        );
+        bus.publish_many("t", (3..6).map(ev).collect())
+            .await
+            .unwrap();
+        for n in 3..6 {
+            assert_eq!(g.receiver.recv().await.unwrap().event.0["data"], json!(n));
+        }
     }
 
     #[tokio::test]

@@ -66,6 +66,16 @@ pub trait Bus: Send + Sync {
     /// all groups get the message or none does.
     async fn publish(&self, topic: &str, event: CloudEvent) -> Result<(), BusError>;
 
+    /// Publishes several events in order. Backends that can make it all or
+    /// nothing do (the embedded bus, when the batch fits a queue), so a
+    /// refused batch can be retried whole without duplicates.
+    async fn publish_many(&self, topic: &str, events: Vec<CloudEvent>) -> Result<(), BusError> {
+        for e in events {
+            self.publish(topic, e).await?;
+        }
+        Ok(())
+    }
+
     /// Joins (or creates) `group` on each topic; messages of all of them
     /// arrive on the one subscription, in publish order per topic.
     async fn subscribe(&self, topics: &[String], group: &str) -> Result<Subscription, BusError>;

@@ -259,6 +259,23 @@ impl Manager {
         })
     }
 
+    /// Publishes a batch of events in order (all or none where the bus can).
+    pub async fn publish_many(
+        &self,
+        topic: &str,
+        events: Vec<CloudEvent>,
+    ) -> crate::error::Result<()> {
+        crate::model::validate_topic(topic)?;
+        self.inner
+            .bus
+            .publish_many(topic, events)
+            .await
+            .map_err(|e| {
+                self.inner.metrics.record_backpressure(topic);
+                CoreError::Unavailable(e.to_string())
+            })
+    }
+
     /// The bus backend's name, for health and logs.
     pub fn bus_name(&self) -> &'static str {
         self.inner.bus.name()
