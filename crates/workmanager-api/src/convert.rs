@@ -167,13 +167,20 @@ pub fn event_from_proto(e: ce::CloudEvent) -> Result<CloudEvent, Status> {
 
 /// JSON CloudEvent → protobuf CloudEvent (the inverse of `event_from_proto`).
 pub fn event_to_proto(e: &CloudEvent) -> ce::CloudEvent {
+    event_into_proto(e.clone())
+}
+
+/// As `event_to_proto`, consuming the event: its strings move instead of
+/// being copied (the message path's observers own their copy anyway).
+pub fn event_into_proto(e: CloudEvent) -> ce::CloudEvent {
     let mut out = ce::CloudEvent::default();
-    let text = |v: &Value| match v {
-        Value::String(s) => s.clone(),
+    let text = |v: Value| match v {
+        Value::String(s) => s,
         other => other.to_string(),
     };
     let json_data = is_json_content_type(e.get_str("datacontenttype"));
-    for (k, v) in &e.0 {
+    let needs_content_type = e.0.contains_key("data") && !e.0.contains_key("datacontenttype");
+    for (k, v) in e.0 {
         match k.as_str() {
             "id" => out.id = text(v),
             "source" => out.source = text(v),
@@ -181,7 +188,7 @@ pub fn event_to_proto(e: &CloudEvent) -> ce::CloudEvent {
             "type" => out.r#type = text(v),
             "data" => {
                 let t = match v {
-                    Value::String(s) if !json_data => s.clone(),
+                    Value::String(s) if !json_data => s,
                     other => other.to_string(),
                 };
                 out.data = Some(ce::cloud_event::Data::TextData(t));
@@ -197,26 +204,26 @@ pub fn event_to_proto(e: &CloudEvent) -> ce::CloudEvent {
             _ => {
                 let attr = match v {
                     Value::Null => continue,
-                    Value::Bool(b) => Attr::CeBoolean(*b),
+                    Value::Bool(b) => Attr::CeBoolean(b),
                     Value::Number(n) => match n.as_i64().and_then(|i| i32::try_from(i).ok()) {
                         Some(i) => Attr::CeInteger(i),
                         None => Attr::CeString(n.to_string()),
                     },
-                    Value::String(s) if k == "time" => match rfc3339_to_timestamp(s) {
+                    Value::String(s) if k == "time" => match rfc3339_to_timestamp(&s) {
                         Some(ts) => Attr::CeTimestamp(ts),
-                        None => Attr::CeString(s.clone()),
+                        None => Attr::CeString(s),
                     },
-                    Value::String(s) => Attr::CeString(s.clone()),
+                    Value::String(s) => Attr::CeString(s),
                     other => Attr::CeString(other.to_string()),
                 };
                 out.attributes.insert(
-                    k.clone(),
+                    k,
                     ce::cloud_event::CloudEventAttributeValue { attr: Some(attr) },
                 );
             }
         }
     }
-    if e.0.contains_key("data") && !e.0.contains_key("datacontenttype") {
+    if needs_content_type {
         out.attributes.insert(
             "datacontenttype".into(),
             ce::cloud_event::CloudEventAttributeValue {

@@ -12,7 +12,7 @@ use workmanager_core::dispatch::LIFECYCLE_TOPIC;
 use workmanager_core::{CodeInput, Manager, RequestContext};
 
 use crate::convert::{
-    code_input, engine_info, event_from_proto, event_to_proto, history_entry, worker_info,
+    code_input, engine_info, event_from_proto, event_into_proto, history_entry, worker_info,
 };
 use crate::correlation::CorrelationId;
 use crate::error::status;
@@ -274,7 +274,7 @@ impl WorkManager for WorkManagerService {
         let event = event_from_proto(event)?;
         let out = self.invoke(&r.id, event, r.publish).await?;
         Ok(Response::new(pb::InvokeWorkerResponse {
-            event: out.as_ref().map(event_to_proto),
+            event: out.map(event_into_proto),
         }))
     }
 
@@ -303,7 +303,7 @@ impl WorkManager for WorkManagerService {
         let topic = req.into_inner().topic;
         let rx = self.manager.watch(&topic).map_err(status)?;
         let stream = BroadcastStream::new(rx).filter_map(move |item| match item {
-            Ok(e) => Some(Ok(pb::CloudEventMessage { topic: topic.clone(), event: Some(event_to_proto(&e)) })),
+            Ok(e) => Some(Ok(pb::CloudEventMessage { topic: topic.clone(), event: Some(event_into_proto(e)) })),
             Err(BroadcastStreamRecvError::Lagged(n)) => {
                 tracing::warn!(topic = %topic, skipped = n, "a subscriber fell behind; events skipped");
                 None
@@ -330,7 +330,7 @@ impl WorkManager for WorkManagerService {
             Some(Ok(pb::WorkerEvent {
                 worker_id,
                 kind,
-                event: Some(event_to_proto(&e)),
+                event: Some(event_into_proto(e)),
             }))
         });
         Ok(Response::new(Box::pin(stream)))
