@@ -350,10 +350,38 @@ async fn connect(server: &str) -> Result<WorkManagerClient<Channel>> {
         .max_encoding_message_size(MAX_MESSAGE))
 }
 
+/// Awaits an RPC. On a terminal, a spinner on stderr shows that the CLI is
+/// waiting (loading code or recovering can take a while); scripts, pipes and
+/// `-o json` output see nothing of it.
 async fn call<T>(
     fut: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 ) -> Result<T> {
-    fut.await
+    use std::io::{IsTerminal, Write};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let shown = std::sync::Arc::new(AtomicBool::new(false));
+    let flag = shown.clone();
+    let spinner = std::io::stderr().is_terminal().then(|| {
+        tokio::spawn(async move {
+            // Only waits longer than a blink get a spinner.
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            for frame in ["|", "/", "-", "\\"].iter().cycle() {
+                flag.store(true, Ordering::Relaxed);
+                let _ = write!(
+                    std::io::stderr(),
+                    "\r{frame} waiting for the WorkManager..."
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(120)).await;
+            }
+        })
+    });
+    let result = fut.await;
+    if let Some(s) = spinner {
+        s.abort();
+        if shown.load(Ordering::Relaxed) {
+            let _ = write!(std::io::stderr(), "\r{:40}\r", "");
+        }
+    }
+    result
         .map(tonic::Response::into_inner)
         .map_err(status_error)
 }
