@@ -570,3 +570,61 @@ async fn invoke_with_publish_routes_the_output() {
     assert!(r.event.is_some(), "the output is returned too");
     assert_eq!(next(&mut out).await["data"], 5);
 }
+
+#[tokio::test]
+async fn a_worker_that_fails_mid_stream_dead_letters_what_it_had_queued() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = Service::start_ready(dir.path(), &["Worker:RetryAttempts=0"]).await;
+    let mut c = svc.grpc().await;
+    // Crashes its process on every message: after five crashes the engine
+    // gives up and the worker is FAILED.
+    let mut req = create_req("def Process(event):\n    raise SystemExit(1)\n", true);
+    req.topics = vec!["doomed".into()];
+    let id = c.create_worker(req).await.unwrap().into_inner().id;
+    let collector = "seen = []\ndef Process(event):\n    if event['type'] == 'report':\n        \
+                     return {'type': 'report-out', 'data': seen}\n    seen.append(event['data'])\n    return None\n";
+    let mut req = create_req(collector, true);
+    req.topics = vec!["doomed-dead".into()];
+    let collector_id = c.create_worker(req).await.unwrap().into_inner().id;
+    publish_numbered(&svc, "doomed", 8).await;
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let seen = loop {
+        let e = workmanager_core::CloudEvent::from_input(
+            json!({"specversion": "1.0", "id": "r", "source": "t", "type": "report"}),
+        );
+        let r = c
+            .invoke_worker(pb::InvokeWorkerRequest {
+                id: collector_id.clone(),
+                event: Some(workmanager_api::convert::event_to_proto(&e)),
+                publish: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let seen = Value::Object(event_from_proto(r.event.unwrap()).unwrap().0)["data"].clone();
+        if seen.as_array().unwrap().len() >= 8 || std::time::Instant::now() > deadline {
+            break seen;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut got: Vec<i64> = seen
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect();
+    got.sort_unstable();
+    assert_eq!(
+        got,
+        (0..8).collect::<Vec<i64>>(),
+        "every queued message is dead-lettered exactly once"
+    );
+    let w = c
+        .get_worker(pb::GetWorkerRequest { id })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(w.status(), pb::WorkerStatus::Failed, "{}", w.last_error);
+    assert!(w.last_error.contains("crashed"), "{}", w.last_error);
+}
