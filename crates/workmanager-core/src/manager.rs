@@ -972,8 +972,7 @@ impl Manager {
         if let Some(engine) = slot.set_engine(None) {
             engine.shutdown().await;
         }
-        // Without code, queued messages fail fast to the dead-letter topic.
-        self.go_offline(slot).await;
+        // The status first: whoever sees the dead letters below also sees FAILED.
         let result = self
             .update(slot, |r| {
                 r.status = WorkerStatus::Failed;
@@ -987,6 +986,8 @@ impl Manager {
             state.0.status = WorkerStatus::Failed;
             state.0.last_error = Some(reason.to_string());
         }
+        // Without code, queued messages fail fast to the dead-letter topic.
+        self.go_offline(slot).await;
         self.lifecycle(ctx, slot, "failed", Some(reason));
     }
 

@@ -620,11 +620,23 @@ async fn a_worker_that_fails_mid_stream_dead_letters_what_it_had_queued() {
         (0..8).collect::<Vec<i64>>(),
         "every queued message is dead-lettered exactly once"
     );
-    let w = c
-        .get_worker(pb::GetWorkerRequest { id })
+    // The FAILED status is written by a task of its own: wait for it.
+    let mut w = c
+        .get_worker(pb::GetWorkerRequest { id: id.clone() })
         .await
         .unwrap()
         .into_inner();
+    for _ in 0..200 {
+        if w.status() == pb::WorkerStatus::Failed {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        w = c
+            .get_worker(pb::GetWorkerRequest { id: id.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+    }
     assert_eq!(w.status(), pb::WorkerStatus::Failed, "{}", w.last_error);
     assert!(w.last_error.contains("crashed"), "{}", w.last_error);
 }
