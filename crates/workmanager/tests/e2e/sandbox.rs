@@ -297,7 +297,7 @@ async fn resource_and_interpreter_escapes_fail() {
 
 #[tokio::test]
 async fn protocol_attacks_fail() {
-    let mut lab = Lab::new(&["Python:ExecutionTimeoutSeconds=3"]).await;
+    let mut lab = Lab::new(&["Python:ExecutionTimeoutSeconds=10"]).await;
     let find_bootstrap = "try:\n    raise Exception\nexcept Exception as e:\n    f = e.__traceback__.tb_frame\nwhile f.f_back: f = f.f_back\ng = f.f_globals\n";
     let forge = format!("{find_bootstrap}g['_OUT'].write(b'{{\"op\":\"result\",\"id\":999999,\"event\":null}}\\n')\nreturn 'forged'");
     let o = lab.attempt("forge a result line", &forge, json!({})).await;
