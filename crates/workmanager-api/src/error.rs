@@ -81,6 +81,11 @@ impl ApiError {
         }
     }
 
+    /// A core error, mapped like gRPC would map it.
+    pub fn from_core(e: CoreError, correlation_id: &str) -> Self {
+        Self::from_status(&status(e), correlation_id)
+    }
+
     pub fn bad_request(message: impl Into<String>, correlation_id: &str) -> Self {
         Self {
             status: http::StatusCode::BAD_REQUEST,

@@ -17,7 +17,7 @@ use http::{HeaderMap, StatusCode};
 use serde_json::{json, Map, Value};
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::StreamExt;
-use workmanager_core::{CloudEvent, CoreError};
+use workmanager_core::CloudEvent;
 
 use crate::correlation::CorrelationId;
 use crate::error::ApiError;
@@ -172,12 +172,8 @@ pub(crate) async fn publish(
     s.manager()
         .publish_many(&topic, events)
         .await
-        .map_err(|e| backpressure(e, &cid.0))?;
+        .map_err(|e| ApiError::from_core(e, &cid.0))?;
     Ok((StatusCode::ACCEPTED, Json(json!({"published": count}))).into_response())
-}
-
-fn backpressure(e: CoreError, cid: &str) -> ApiError {
-    ApiError::from_status(&crate::error::status(e), cid)
 }
 
 pub(crate) async fn events(
@@ -188,7 +184,7 @@ pub(crate) async fn events(
     let rx = s
         .manager()
         .watch(&topic)
-        .map_err(|e| backpressure(e, &cid.0))?;
+        .map_err(|e| ApiError::from_core(e, &cid.0))?;
     let stream = BroadcastStream::new(rx).filter_map(|item| {
         let e = item.ok()?;
         let id = e.get_str("id").unwrap_or("").to_string();

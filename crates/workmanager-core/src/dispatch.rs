@@ -11,7 +11,7 @@ use serde_json::{json, Map, Value};
 use tokio::sync::Semaphore;
 
 use crate::audit::RequestContext;
-use crate::bus::{Ack, Delivery, Subscription};
+use crate::bus::{Ack, BusError, Delivery, Subscription};
 use crate::error::CoreError;
 use crate::event::CloudEvent;
 use crate::manager::{Manager, Slot};
@@ -207,7 +207,7 @@ impl Manager {
 
     async fn publish_or_warn(&self, topic: &str, event: CloudEvent, worker: &str) {
         if let Err(e) = self.inner.bus.publish(topic, event).await {
-            self.inner.metrics.record_backpressure(topic);
+            let e = self.bus_error(topic, e);
             tracing::warn!(worker_id = %worker, topic, error = %e, "could not publish a worker's output");
         }
     }
@@ -250,16 +250,13 @@ impl Manager {
         self.publish(&dest, out).await
     }
 
-    /// Publishes one event (the Publish RPC and the HTTP topic endpoint).
+    /// Publishes one event (the Publish RPC).
     pub async fn publish(&self, topic: &str, event: CloudEvent) -> crate::error::Result<()> {
-        crate::model::validate_topic(topic)?;
-        self.inner.bus.publish(topic, event).await.map_err(|e| {
-            self.inner.metrics.record_backpressure(topic);
-            CoreError::Unavailable(e.to_string())
-        })
+        self.publish_many(topic, vec![event]).await
     }
 
-    /// Publishes a batch of events in order (all or none where the bus can).
+    /// Publishes events in order (the HTTP topic endpoint; all or none
+    /// where the bus can, so a refused batch is retried without duplicates).
     pub async fn publish_many(
         &self,
         topic: &str,
@@ -270,10 +267,15 @@ impl Manager {
             .bus
             .publish_many(topic, events)
             .await
-            .map_err(|e| {
-                self.inner.metrics.record_backpressure(topic);
-                CoreError::Unavailable(e.to_string())
-            })
+            .map_err(|e| self.bus_error(topic, e))
+    }
+
+    /// Counts backpressure, and turns a bus error into the core's error.
+    fn bus_error(&self, topic: &str, e: BusError) -> CoreError {
+        if matches!(e, BusError::Backpressure(_)) {
+            self.inner.metrics.record_backpressure(topic);
+        }
+        CoreError::Unavailable(e.to_string())
     }
 
     /// The bus backend's name, for health and logs.

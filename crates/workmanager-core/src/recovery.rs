@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::audit::{self, RequestContext};
 use crate::error::{CoreError, Result};
 use crate::manager::{Manager, Slot};
-use crate::model::{now_rfc3339, WorkerId, WorkerRecord, WorkerStatus};
+use crate::model::{WorkerId, WorkerRecord, WorkerStatus};
 use crate::store::{keys, Precondition, StoreError};
 
 /// Workers loaded in parallel during recovery.
@@ -312,7 +312,7 @@ impl Manager {
                     continue;
                 };
                 if let Err(e) = inner.store.put(&key, value, Precondition::None).await {
-                    tracing::warn!(error = %e, at = %now_rfc3339(), "heartbeat write failed");
+                    tracing::warn!(error = %e, "heartbeat write failed");
                 }
             }
         })

@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use workmanager_api::pb;
 
-use crate::bench::{payload, Bare, Bench};
+use crate::bench::{payload, rss_kib, Bare, Bench};
 
 const ECHO_WORKER: &str =
     "def Process(event):\n    return {'type': 'tp.out', 'data': event['data']}\n";
@@ -31,17 +31,6 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
     let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
     // USER_HZ is 100 on every Linux this runs on.
     Some(ticks / 100.0)
-}
-
-fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
 }
 
 /// Messages/s of a bare echo child with `DEPTH` messages in flight.
