@@ -195,7 +195,7 @@ pub fn event(data: Value) -> pb::io::cloudevents::v1::CloudEvent {
     workmanager_api::convert::event_to_proto(&e)
 }
 
-/// Invokes and returns the output event as JSON (Null when none).
+/// Invokes with `data` in a test event; returns the output as JSON (Null when none).
 pub async fn invoke(
     c: &mut WorkManagerClient<Channel>,
     id: &str,
@@ -209,10 +209,33 @@ pub async fn invoke(
         })
         .await?
         .into_inner();
-    Ok(match r.event {
+    Ok(output(r))
+}
+
+/// Invokes with a whole CloudEvent given as JSON.
+pub async fn invoke_event(
+    c: &mut WorkManagerClient<Channel>,
+    id: &str,
+    event: Value,
+) -> Result<Value, tonic::Status> {
+    let e =
+        workmanager_api::convert::event_to_proto(&workmanager_core::CloudEvent::from_input(event));
+    let r = c
+        .invoke_worker(pb::InvokeWorkerRequest {
+            id: id.into(),
+            event: Some(e),
+            publish: false,
+        })
+        .await?
+        .into_inner();
+    Ok(output(r))
+}
+
+fn output(r: pb::InvokeWorkerResponse) -> Value {
+    match r.event {
         Some(e) => Value::Object(workmanager_api::convert::event_from_proto(e).unwrap().0),
         None => Value::Null,
-    })
+    }
 }
 
 pub async fn status(c: &mut WorkManagerClient<Channel>, id: &str) -> pb::WorkerStatus {

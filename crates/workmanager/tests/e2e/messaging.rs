@@ -68,6 +68,16 @@ async fn publish_numbered(svc: &Service, topic: &str, n: i64) {
     }
 }
 
+/// Asks a collector worker (which answers a "report" event with what it
+/// has seen) for its report.
+async fn collector_report(c: &mut Client, collector: &str) -> Value {
+    let report = json!({"specversion": "1.0", "id": "r", "source": "t", "type": "report"});
+    invoke_event(c, collector, report)
+        .await
+        .expect("the collector answers")["data"]
+        .clone()
+}
+
 async fn nothing_on(s: &mut Streaming<pb::CloudEventMessage>, wait_ms: u64) -> bool {
     tokio::time::timeout(Duration::from_millis(wait_ms), s.message())
         .await
@@ -428,28 +438,9 @@ async fn ten_thousand_events_every_one_accounted_for_once() {
     let collector_id = c.create_worker(req).await.unwrap().into_inner().id;
 
     publish_numbered(&svc, "work", 10_000).await;
-    let report = |c: &mut Client| {
-        let id = collector_id.clone();
-        let mut c = c.clone();
-        async move {
-            let e = workmanager_core::CloudEvent::from_input(
-                json!({"specversion": "1.0", "id": "r", "source": "t", "type": "report"}),
-            );
-            let r = c
-                .invoke_worker(pb::InvokeWorkerRequest {
-                    id,
-                    event: Some(workmanager_api::convert::event_to_proto(&e)),
-                    publish: false,
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            Value::Object(event_from_proto(r.event.unwrap()).unwrap().0)["data"].clone()
-        }
-    };
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     let seen = loop {
-        let seen = report(&mut c).await;
+        let seen = collector_report(&mut c, &collector_id).await;
         let total =
             seen["done"].as_array().unwrap().len() + seen["work-dead"].as_array().unwrap().len();
         if total >= 10_000 || std::time::Instant::now() > deadline {
@@ -590,19 +581,7 @@ async fn a_worker_that_fails_mid_stream_dead_letters_what_it_had_queued() {
 
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let seen = loop {
-        let e = workmanager_core::CloudEvent::from_input(
-            json!({"specversion": "1.0", "id": "r", "source": "t", "type": "report"}),
-        );
-        let r = c
-            .invoke_worker(pb::InvokeWorkerRequest {
-                id: collector_id.clone(),
-                event: Some(workmanager_api::convert::event_to_proto(&e)),
-                publish: false,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let seen = Value::Object(event_from_proto(r.event.unwrap()).unwrap().0)["data"].clone();
+        let seen = collector_report(&mut c, &collector_id).await;
         if seen.as_array().unwrap().len() >= 8 || std::time::Instant::now() > deadline {
             break seen;
         }
