@@ -189,7 +189,9 @@ pub fn event_into_proto(e: CloudEvent) -> ce::CloudEvent {
             "data" => {
                 let t = match v {
                     Value::String(s) if !json_data => s,
-                    other => other.to_string(),
+                    // Straight into a buffer (`to_string` goes through
+                    // `fmt::Display`, a slower writer).
+                    other => serde_json::to_string(&other).unwrap_or_default(),
                 };
                 out.data = Some(ce::cloud_event::Data::TextData(t));
             }

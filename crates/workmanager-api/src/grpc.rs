@@ -2,6 +2,7 @@
 //! calls the core `Manager`, and maps the result back. The REST mirror calls
 //! these same methods.
 use std::pin::Pin;
+use std::sync::Arc;
 
 use futures::Stream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
@@ -303,7 +304,7 @@ impl WorkManager for WorkManagerService {
         let topic = req.into_inner().topic;
         let rx = self.manager.watch(&topic).map_err(status)?;
         let stream = BroadcastStream::new(rx).filter_map(move |item| match item {
-            Ok(e) => Some(Ok(pb::CloudEventMessage { topic: topic.clone(), event: Some(event_into_proto(e)) })),
+            Ok(e) => Some(Ok(pb::CloudEventMessage { topic: topic.clone(), event: Some(event_into_proto(Arc::unwrap_or_clone(e))) })),
             Err(BroadcastStreamRecvError::Lagged(n)) => {
                 tracing::warn!(topic = %topic, skipped = n, "a subscriber fell behind; events skipped");
                 None
@@ -330,7 +331,7 @@ impl WorkManager for WorkManagerService {
             Some(Ok(pb::WorkerEvent {
                 worker_id,
                 kind,
-                event: Some(event_into_proto(e)),
+                event: Some(event_into_proto(Arc::unwrap_or_clone(e))),
             }))
         });
         Ok(Response::new(Box::pin(stream)))

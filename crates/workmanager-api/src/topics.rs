@@ -188,7 +188,7 @@ pub(crate) async fn events(
     let stream = BroadcastStream::new(rx).filter_map(|item| {
         let e = item.ok()?;
         let id = e.get_str("id").unwrap_or("").to_string();
-        let data = serde_json::to_string(&Value::Object(e.0)).ok()?;
+        let data = serde_json::to_string(&e.0).ok()?;
         Some(Ok(Event::default().event("cloudevent").id(id).data(data)))
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))

@@ -29,7 +29,7 @@ struct State {
     /// group → its queue (the sender the topics hold copies of).
     groups: HashMap<String, mpsc::Sender<Delivery>>,
     /// topic → observer feed.
-    watches: HashMap<String, broadcast::Sender<CloudEvent>>,
+    watches: HashMap<String, broadcast::Sender<Arc<CloudEvent>>>,
 }
 
 struct TopicEntry {
@@ -105,7 +105,7 @@ impl Bus for EmbeddedBus {
             }
         }
         if let (Some(w), Some(e)) = (watch, event) {
-            let _ = w.send(e);
+            let _ = w.send(Arc::new(e));
         }
         Ok(())
     }
@@ -145,19 +145,27 @@ impl Bus for EmbeddedBus {
                 }
             }
         }
+        // As in `publish`: copies only for the second and later recipients.
         let watch = watch.filter(|w| w.receiver_count() > 0);
+        let last = permits.len().saturating_sub(1);
         for event in events {
-            for p in permits.iter_mut() {
-                if let Some(permit) = p.next() {
+            let mut event = Some(event);
+            for (i, p) in permits.iter_mut().enumerate() {
+                let copy = if i == last && watch.is_none() {
+                    event.take()
+                } else {
+                    event.clone()
+                };
+                if let (Some(permit), Some(e)) = (p.next(), copy) {
                     permit.send(Delivery {
                         topic: name.clone(),
-                        event: event.clone(),
+                        event: e,
                         acker: None,
                     });
                 }
             }
-            if let Some(w) = &watch {
-                let _ = w.send(event);
+            if let (Some(w), Some(e)) = (&watch, event) {
+                let _ = w.send(Arc::new(e));
             }
         }
         Ok(())
@@ -189,7 +197,7 @@ impl Bus for EmbeddedBus {
         state.groups.remove(group);
     }
 
-    fn watch(&self, topic: &str) -> broadcast::Receiver<CloudEvent> {
+    fn watch(&self, topic: &str) -> broadcast::Receiver<Arc<CloudEvent>> {
         self.state()
             .watches
             .entry(topic.to_string())

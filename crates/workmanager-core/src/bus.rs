@@ -84,7 +84,9 @@ pub trait Bus: Send + Sync {
     async fn unsubscribe(&self, topics: &[String], group: &str);
 
     /// A live feed of the topic for observers; lagging observers skip.
-    fn watch(&self, topic: &str) -> broadcast::Receiver<CloudEvent>;
+    /// Events are shared, not copied per observer: a sole observer takes its
+    /// event back with `Arc::unwrap_or_clone` without a copy.
+    fn watch(&self, topic: &str) -> broadcast::Receiver<std::sync::Arc<CloudEvent>>;
 
     /// Messages waiting for `group`, across its topics (a gauge).
     fn queue_depth(&self, group: &str) -> usize;

@@ -287,7 +287,7 @@ impl Manager {
     pub fn watch(
         &self,
         topic: &str,
-    ) -> crate::error::Result<tokio::sync::broadcast::Receiver<CloudEvent>> {
+    ) -> crate::error::Result<tokio::sync::broadcast::Receiver<std::sync::Arc<CloudEvent>>> {
         crate::model::validate_topic(topic)?;
         Ok(self.inner.bus.watch(topic))
     }

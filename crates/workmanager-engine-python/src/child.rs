@@ -19,12 +19,10 @@ const BOOTSTRAP: &str = include_str!("bootstrap.py");
 const MAX_LOG_LINE: u64 = 8 * 1024;
 
 /// A message from the child.
-#[derive(Debug, Deserialize)]
-#[serde(tag = "op", rename_all = "lowercase")]
+#[derive(Debug)]
 pub(crate) enum Wire {
     Ready {
         /// The sandbox layers that applied to this child.
-        #[serde(default)]
         sandbox: Option<Applied>,
     },
     Pong,
@@ -36,17 +34,64 @@ pub(crate) enum Wire {
         /// Must echo the request's id: a line with another id was forged by
         /// the worker (or is stale) and desynchronises nothing.
         id: u64,
-        #[serde(default)]
         event: Option<Value>,
     },
     Error {
-        #[serde(default)]
         id: Option<u64>,
         error_type: String,
         message: String,
-        #[serde(default)]
         traceback: String,
     },
+}
+
+/// One protocol line as written, every field optional. `Wire` is built from
+/// it by hand (a missing `Option` field is `None`): serde's internally tagged enums buffer the whole line
+/// (including a 1 KB event) in an intermediate tree first, which cost more
+/// than the parse itself on the message path.
+#[derive(Deserialize)]
+struct Line {
+    op: Op,
+    id: Option<u64>,
+    event: Option<Value>,
+    sandbox: Option<Applied>,
+    count: Option<usize>,
+    error_type: Option<String>,
+    message: Option<String>,
+    traceback: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Op {
+    Ready,
+    Pong,
+    Skipped,
+    Result,
+    Error,
+}
+
+impl Wire {
+    fn parse(line: &[u8]) -> Result<Wire, String> {
+        let l: Line = serde_json::from_slice(line).map_err(|e| e.to_string())?;
+        let missing = |field: &str| format!("missing field `{field}`");
+        Ok(match l.op {
+            Op::Ready => Wire::Ready { sandbox: l.sandbox },
+            Op::Pong => Wire::Pong,
+            Op::Skipped => Wire::Skipped {
+                count: l.count.ok_or_else(|| missing("count"))?,
+            },
+            Op::Result => Wire::Result {
+                id: l.id.ok_or_else(|| missing("id"))?,
+                event: l.event,
+            },
+            Op::Error => Wire::Error {
+                id: l.id,
+                error_type: l.error_type.ok_or_else(|| missing("error_type"))?,
+                message: l.message.ok_or_else(|| missing("message"))?,
+                traceback: l.traceback.unwrap_or_default(),
+            },
+        })
+    }
 }
 
 #[derive(Debug)]
@@ -183,7 +228,7 @@ impl ChildProc {
                 CallError::Gone
             });
         }
-        serde_json::from_slice(&self.buf).map_err(|e| CallError::Protocol(e.to_string()))
+        Wire::parse(&self.buf).map_err(CallError::Protocol)
     }
 
     /// Kills the child's whole process group (it and anything it started).

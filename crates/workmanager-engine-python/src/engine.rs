@@ -178,6 +178,21 @@ struct Slot {
     child: Option<ChildProc>,
     /// Crashes since the last successful message: drives the restart backoff.
     consecutive_crashes: u32,
+    /// The last request line's buffer, reused: a batch line is ~64 KB, and
+    /// growing a fresh one to that size copied it three times over.
+    line: Vec<u8>,
+}
+
+/// A request-line buffer larger than this is not kept (a batch of large
+/// events must not pin its memory in an idle worker).
+const MAX_KEPT_LINE: usize = 256 * 1024;
+
+impl Slot {
+    fn keep_line(&mut self, line: Vec<u8>) {
+        if line.capacity() <= MAX_KEPT_LINE {
+            self.line = line;
+        }
+    }
 }
 
 struct Shared {
@@ -401,8 +416,14 @@ impl Shared {
         let mut slot = self.pick_slot().await;
         self.ensure_child(&mut slot).await?;
         let id = slot.child.as_mut().map(|c| c.next_id()).unwrap_or_default();
-        let line = process_line(id, event).map_err(|e| EngineError::Internal(e.to_string()))?;
-        self.send(&mut slot, &line).await?;
+        let mut line = std::mem::take(&mut slot.line);
+        let written = write_process_line(&mut line, id, event);
+        let sent = match written {
+            Ok(()) => self.send(&mut slot, &line).await,
+            Err(e) => Err(EngineError::Internal(e.to_string())),
+        };
+        slot.keep_line(line);
+        sent?;
         self.answer(&mut slot, id).await
     }
 
@@ -421,11 +442,13 @@ impl Shared {
             return vec![Err(EngineError::Internal("no Python process".into()))];
         };
         let ids: Vec<u64> = events.iter().map(|_| child.next_id()).collect();
-        let line = match batch_line(&ids, events) {
-            Ok(l) => l,
-            Err(e) => return vec![Err(EngineError::Internal(e.to_string()))],
+        let mut line = std::mem::take(&mut slot.line);
+        let sent = match write_batch_line(&mut line, &ids, events) {
+            Ok(()) => self.send(&mut slot, &line).await,
+            Err(e) => Err(EngineError::Internal(e.to_string())),
         };
-        if let Err(e) = self.send(&mut slot, &line).await {
+        slot.keep_line(line);
+        if let Err(e) = sent {
             return vec![Err(e)];
         }
         let mut results = Vec::with_capacity(events.len());
@@ -456,9 +479,13 @@ impl Shared {
     }
 }
 
-/// `{"op":"batch","items":[{"id":N,"event":{...}},...]}\n`.
-fn batch_line(ids: &[u64], events: &[&CloudEvent]) -> Result<Vec<u8>, serde_json::Error> {
-    let mut line = Vec::with_capacity(256 * events.len());
+/// `{"op":"batch","items":[{"id":N,"event":{...}},...]}\n`, into `line`.
+fn write_batch_line(
+    line: &mut Vec<u8>,
+    ids: &[u64],
+    events: &[&CloudEvent],
+) -> Result<(), serde_json::Error> {
+    line.clear();
     line.extend_from_slice(b"{\"op\":\"batch\",\"items\":[");
     for (i, (id, event)) in ids.iter().zip(events).enumerate() {
         if i > 0 {
@@ -467,22 +494,27 @@ fn batch_line(ids: &[u64], events: &[&CloudEvent]) -> Result<Vec<u8>, serde_json
         line.extend_from_slice(b"{\"id\":");
         line.extend_from_slice(id.to_string().as_bytes());
         line.extend_from_slice(b",\"event\":");
-        serde_json::to_writer(&mut line, &event.0)?;
+        serde_json::to_writer(&mut *line, &event.0)?;
         line.push(b'}');
     }
     line.extend_from_slice(b"]}\n");
-    Ok(line)
+    Ok(())
 }
 
-/// `{"op":"process","id":N,"event":{...}}\n`, built without an intermediate value.
-fn process_line(id: u64, event: &CloudEvent) -> Result<Vec<u8>, serde_json::Error> {
-    let mut line = Vec::with_capacity(256);
+/// `{"op":"process","id":N,"event":{...}}\n` into `line`, without an
+/// intermediate value.
+fn write_process_line(
+    line: &mut Vec<u8>,
+    id: u64,
+    event: &CloudEvent,
+) -> Result<(), serde_json::Error> {
+    line.clear();
     line.extend_from_slice(b"{\"op\":\"process\",\"id\":");
     line.extend_from_slice(id.to_string().as_bytes());
     line.extend_from_slice(b",\"event\":");
-    serde_json::to_writer(&mut line, &event.0)?;
+    serde_json::to_writer(&mut *line, &event.0)?;
     line.extend_from_slice(b"}\n");
-    Ok(line)
+    Ok(())
 }
 
 /// The user-facing text of a load error: the traceback's last lines (which

@@ -1,5 +1,6 @@
 //! `workmanager`: `serve` runs the service; `bench` measures it; every other
 //! subcommand is the client CLI.
+mod alloc;
 mod bench;
 mod bench_throughput;
 mod cli;
@@ -73,7 +74,11 @@ struct ServeArgs {
     port_file: Option<PathBuf>,
 }
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
+    alloc::tune();
     // The sandbox launcher: a fresh single-threaded process that confines
     // itself and execs the Python interpreter (see the engine's sandbox.rs).
     let mut args = std::env::args_os();
