@@ -90,17 +90,20 @@ pub struct LoadArgs {
 }
 
 #[derive(Debug, Args)]
-#[group(required = true, multiple = false)]
 pub struct CodeArgs {
     /// File with the worker's code.
-    #[arg(long)]
+    #[arg(long, required_unless_present = "url", conflicts_with = "url")]
     file: Option<PathBuf>,
-    /// URL of the worker's code.
+    /// URL of the worker's code (the service fetches it).
     #[arg(long)]
     url: Option<String>,
     /// Expected SHA-256 of the URL's content (hex or sha256-<base64>).
     #[arg(long, requires = "url")]
     sha256: Option<String>,
+    /// Name of a credential configured on the service
+    /// (CodeSourceCredentials:<name>) to fetch the URL with.
+    #[arg(long, requires = "url")]
+    credential: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -414,7 +417,9 @@ fn code_source(a: &CodeArgs) -> Result<pb::CodeSource> {
     };
     Ok(pb::CodeSource {
         source: Some(source),
-        credential: None,
+        credential: a.credential.clone().map(|n| pb::SourceCredential {
+            scheme: Some(pb::source_credential::Scheme::Named(n)),
+        }),
         content_sha256: a.sha256.clone().unwrap_or_default(),
     })
 }

@@ -7,17 +7,31 @@
 //! from the map, and any malformed or out-of-range value is an error naming
 //! the key, the value, where it came from and what is valid — never a silent
 //! fallback to the default.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::Value;
 use workmanager_core::RecoverySettings;
+use workmanager_fetch::{HostPattern, NamedCredential};
 
 /// Flat environment names of the spec and the keys they stand for.
 const ENV_ALIASES: &[(&str, &str)] = &[
     ("ALLOWED_CODE_SOURCE_HOSTS", "AllowedCodeSourceHosts"),
+    ("DOTNET_ENVIRONMENT", "Environment"),
+    (
+        "VIRTUFIN_REGISTRY_USER",
+        "CodeSourceCredentials:virtufin:Username",
+    ),
+    (
+        "VIRTUFIN_REGISTRY_TOKEN",
+        "CodeSourceCredentials:virtufin:Token",
+    ),
+    (
+        "VIRTUFIN_REGISTRY_HOSTS",
+        "CodeSourceCredentials:virtufin:Hosts",
+    ),
     ("PYTHON_EXECUTABLE", "Python:Executable"),
     ("PYTHON_BLOCKED_MODULES", "Python:BlockedModules"),
     ("PYTHON_ALLOWED_PACKAGES", "Python:AllowedPackages"),
@@ -67,9 +81,18 @@ pub struct Settings {
     /// A `tracing` filter directive ("info", "warn", "off", ...).
     pub log_filter: String,
     pub log_format: LogFormat,
-    pub allowed_code_source_hosts: Vec<String>,
+    /// `Environment` (`DOTNET_ENVIRONMENT`): anything but "Development" is
+    /// production, where secrets are not read from appsettings.json and an
+    /// empty host allow-list is warned about.
+    pub production: bool,
+    pub allowed_code_source_hosts: Vec<HostPattern>,
     pub allow_private_networks: bool,
     pub fetch_timeout: Duration,
+    /// `CodeSource:ExtraRootCertificates`: PEM files trusted for code URLs
+    /// besides the built-in roots (their contents).
+    pub extra_root_pems: Vec<Vec<u8>>,
+    /// `CodeSourceCredentials:<name>:{Username,Token,TokenFile,Hosts}`.
+    pub code_source_credentials: HashMap<String, NamedCredential>,
     pub max_code_bytes: usize,
     pub python_executable: String,
     pub python_blocked_modules: Option<Vec<String>>,
@@ -108,6 +131,8 @@ struct Entry {
     key: String,
     value: String,
     origin: String,
+    /// From a configuration file (where secrets must not be in production).
+    from_file: bool,
 }
 
 /// The merged, flattened configuration.
@@ -118,6 +143,10 @@ pub struct Layers {
 
 impl Layers {
     fn set(&mut self, key: &str, value: String, origin: String) {
+        self.set_from(key, value, origin, false);
+    }
+
+    fn set_from(&mut self, key: &str, value: String, origin: String, from_file: bool) {
         let norm = key.to_ascii_lowercase();
         // A scalar replaces an array from a lower layer and vice versa.
         let prefix = format!("{norm}:");
@@ -128,6 +157,7 @@ impl Layers {
                 key: key.to_string(),
                 value,
                 origin,
+                from_file,
             },
         );
     }
@@ -146,7 +176,7 @@ impl Layers {
         let mut flat = Vec::new();
         flatten("", &value, &mut flat);
         for (k, v) in flat {
-            self.set(&k, v, origin.clone());
+            self.set_from(&k, v, origin.clone(), true);
         }
         Ok(())
     }
@@ -184,6 +214,23 @@ impl Layers {
 
     fn get(&self, key: &str) -> Option<&Entry> {
         self.map.get(&key.to_ascii_lowercase())
+    }
+
+    /// The distinct names directly below `prefix` (`A:<name>:...`), as first
+    /// written.
+    fn children(&self, prefix: &str) -> Vec<String> {
+        let p = format!("{}:", prefix.to_ascii_lowercase());
+        let mut names: Vec<String> = Vec::new();
+        for (k, e) in &self.map {
+            if let Some(rest) = k.strip_prefix(&p) {
+                let n = rest.split(':').next().unwrap_or_default();
+                let written = e.key.get(p.len()..p.len() + n.len()).unwrap_or(n);
+                if !n.is_empty() && !names.iter().any(|m| m.eq_ignore_ascii_case(n)) {
+                    names.push(written.to_string());
+                }
+            }
+        }
+        names
     }
 
     /// A list: a JSON array (`key:0`, `key:1`, ...) or a comma-separated string.
@@ -270,6 +317,95 @@ impl Reader<'_> {
         }
     }
 
+    /// A host allow-list (`host.example`, `*.example`).
+    fn hosts(&mut self, key: &str) -> Vec<HostPattern> {
+        let mut out = Vec::new();
+        for h in self.layers.list(key).unwrap_or_default() {
+            match HostPattern::parse(&h) {
+                Ok(p) => out.push(p),
+                Err(why) => self
+                    .errors
+                    .push(format!("invalid configuration: {key}: {why}")),
+            }
+        }
+        out
+    }
+
+    /// The contents of the files a list key names.
+    fn files(&mut self, key: &str) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        for path in self.layers.list(key).unwrap_or_default() {
+            match std::fs::read(&path) {
+                Ok(b) => out.push(b),
+                Err(e) => self.errors.push(format!(
+                    "invalid configuration: {key}: cannot read {path}: {e}"
+                )),
+            }
+        }
+        out
+    }
+
+    /// Named code-source credentials. A token is a secret: in production it
+    /// comes from the environment or a `TokenFile`, never from
+    /// appsettings.json.
+    fn credentials(&mut self, production: bool) -> HashMap<String, NamedCredential> {
+        let mut out = HashMap::new();
+        for name in self.layers.children("CodeSourceCredentials") {
+            let key = |field: &str| format!("CodeSourceCredentials:{name}:{field}");
+            let token = match (
+                self.layers.get(&key("Token")).cloned(),
+                self.layers.get(&key("TokenFile")).cloned(),
+            ) {
+                (Some(t), _) if t.from_file && production => {
+                    self.errors.push(format!(
+                        "invalid configuration: {} is a secret and is not read from {} in production; \
+                         set it in the environment (CodeSourceCredentials__{name}__Token) or name a secret \
+                         file in {}",
+                        t.key,
+                        t.origin,
+                        key("TokenFile")
+                    ));
+                    continue;
+                }
+                (Some(t), _) if !t.value.trim().is_empty() => t.value.trim().to_string(),
+                (_, Some(f)) => match std::fs::read_to_string(f.value.trim()) {
+                    Ok(t) if !t.trim().is_empty() => t.trim().to_string(),
+                    Ok(_) => {
+                        self.fail(&f, "the file is empty");
+                        continue;
+                    }
+                    Err(e) => {
+                        self.fail(&f, &format!("cannot read the file: {e}"));
+                        continue;
+                    }
+                },
+                _ => {
+                    self.errors.push(format!(
+                        "invalid configuration: credential {name:?} has no {} (or {})",
+                        key("Token"),
+                        key("TokenFile")
+                    ));
+                    continue;
+                }
+            };
+            let username = self
+                .layers
+                .get(&key("Username"))
+                .map(|e| e.value.trim().to_string())
+                .filter(|u| !u.is_empty());
+            let hosts = self.hosts(&key("Hosts"));
+            out.insert(
+                name.clone(),
+                NamedCredential {
+                    username,
+                    token,
+                    hosts,
+                },
+            );
+        }
+        out
+    }
+
     fn int(&mut self, key: &str, default: u64, min: u64, max: u64) -> u64 {
         let Some(e) = self.layers.get(key).cloned() else {
             return default;
@@ -352,7 +488,11 @@ pub fn settings(layers: &Layers) -> Result<Settings, Vec<String>> {
         LogFormat::Json,
         &[("json", LogFormat::Json), ("text", LogFormat::Text)],
     );
-    let allowed_code_source_hosts = layers.list("AllowedCodeSourceHosts").unwrap_or_default();
+    let environment = r.string("Environment", "Production");
+    let production = !environment.eq_ignore_ascii_case("Development");
+    let allowed_code_source_hosts = r.hosts("AllowedCodeSourceHosts");
+    let extra_root_pems = r.files("CodeSource:ExtraRootCertificates");
+    let code_source_credentials = r.credentials(production);
     let allow_private_networks = r.bool("CodeSource:AllowPrivateNetworks", false);
     let fetch_timeout = Duration::from_secs(r.int("CodeSource:FetchTimeoutSeconds", 30, 1, 600));
     let max_code_bytes = r.int(
@@ -436,9 +576,12 @@ pub fn settings(layers: &Layers) -> Result<Settings, Vec<String>> {
             grpc_port,
             log_filter,
             log_format,
+            production,
             allowed_code_source_hosts,
             allow_private_networks,
             fetch_timeout,
+            extra_root_pems,
+            code_source_credentials,
             max_code_bytes,
             python_executable,
             python_blocked_modules,
@@ -515,7 +658,10 @@ mod tests {
         assert!(s.recovery.on_start);
         assert_eq!(
             s.allowed_code_source_hosts,
-            vec!["a.example", "*.b.example"]
+            vec![
+                HostPattern::Exact("a.example".into()),
+                HostPattern::Suffix("b.example".into())
+            ]
         );
     }
 
@@ -528,7 +674,13 @@ mod tests {
             ("Worker__RetryAttempts", "5"),
         ]));
         let s = settings(&l).unwrap();
-        assert_eq!(s.allowed_code_source_hosts, vec!["x.example", "y.example"]);
+        assert_eq!(
+            s.allowed_code_source_hosts,
+            vec![
+                HostPattern::Exact("x.example".into()),
+                HostPattern::Exact("y.example".into())
+            ]
+        );
         assert_eq!(s.worker_retry_attempts, 5);
     }
 
@@ -551,6 +703,82 @@ mod tests {
             "{all}"
         );
         assert!(all.contains("must be one of embedded"), "{all}");
+    }
+
+    #[test]
+    fn credentials_come_from_env_or_secret_files_and_never_from_the_file_in_production() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("appsettings.json");
+        let secret = dir.path().join("token");
+        std::fs::write(&secret, "from-file\n").unwrap();
+        std::fs::write(
+            &file,
+            format!(
+                r#"{{"CodeSourceCredentials": {{
+                    "Inline": {{"Token": "leaked", "Hosts": "a.example"}},
+                    "Mounted": {{"Username": "ci", "TokenFile": {:?}, "Hosts": ["*.b.example"]}}}}}}"#,
+                secret.display()
+            ),
+        )
+        .unwrap();
+        let mut l = Layers::default();
+        l.add_json_file(&file).unwrap();
+        l.add_env(env(&[
+            ("VIRTUFIN_REGISTRY_USER", "svc"),
+            ("VIRTUFIN_REGISTRY_TOKEN", "from-env"),
+            ("VIRTUFIN_REGISTRY_HOSTS", "registry.example"),
+        ]));
+        let errors = settings(&l).unwrap_err().join("\n");
+        assert!(
+            errors.contains("CodeSourceCredentials:Inline:Token is a secret and is not read from")
+                && errors.contains("CodeSourceCredentials__Inline__Token"),
+            "{errors}"
+        );
+        // The same token from the environment is accepted.
+        l.add_env(env(&[("CodeSourceCredentials__Inline__Token", "ok")]));
+        let s = settings(&l).unwrap();
+        let c = &s.code_source_credentials;
+        assert_eq!(c["Inline"].token, "ok");
+        assert_eq!(c["Mounted"].token, "from-file");
+        assert_eq!(c["Mounted"].username.as_deref(), Some("ci"));
+        assert!(c["Mounted"].hosts[0].matches("x.b.example"));
+        assert_eq!(
+            (
+                c["virtufin"].username.as_deref(),
+                c["virtufin"].token.as_str()
+            ),
+            (Some("svc"), "from-env")
+        );
+        assert!(c["virtufin"].hosts[0].matches("registry.example"));
+        // In Development the file may hold it.
+        let mut dev = Layers::default();
+        dev.add_json_file(&file).unwrap();
+        dev.add_env(env(&[("DOTNET_ENVIRONMENT", "Development")]));
+        assert_eq!(
+            settings(&dev).unwrap().code_source_credentials["Inline"].token,
+            "leaked"
+        );
+    }
+
+    #[test]
+    fn a_bad_allow_list_entry_or_missing_root_file_fails_start_up() {
+        let mut l = Layers::default();
+        l.add_env(env(&[
+            (
+                "ALLOWED_CODE_SOURCE_HOSTS",
+                "ok.example, http://bad.example/",
+            ),
+            ("CodeSource__ExtraRootCertificates", "/nonexistent/ca.pem"),
+        ]));
+        let errors = settings(&l).unwrap_err().join("\n");
+        assert!(
+            errors.contains("AllowedCodeSourceHosts: \"http://bad.example/\" is not a host name"),
+            "{errors}"
+        );
+        assert!(
+            errors.contains("CodeSource:ExtraRootCertificates: cannot read /nonexistent/ca.pem"),
+            "{errors}"
+        );
     }
 
     #[test]

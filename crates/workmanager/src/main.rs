@@ -93,6 +93,9 @@ fn main() -> ExitCode {
             .unwrap_or_default();
         return workmanager_engine_python::sandbox::launcher_main(&spec);
     }
+    // One TLS crypto provider for the whole process (ring; the only one
+    // compiled in). Installing can only fail if one is installed already.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

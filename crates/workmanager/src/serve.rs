@@ -8,10 +8,49 @@ use anyhow::{anyhow, Context, Result};
 use tokio::net::TcpListener;
 use workmanager_api::server::{serve, ServeOptions};
 use workmanager_backends::{EmbeddedBus, EmbeddedStore};
-use workmanager_core::{DisabledFetcher, EngineRegistry, Manager, ManagerSettings, Metrics};
+use workmanager_core::{EngineRegistry, Manager, ManagerSettings, Metrics};
 use workmanager_engine_python::{resolve_interpreter, PythonConfig, PythonEngine, SandboxMode};
+use workmanager_fetch::{FetchPolicy, HttpFetcher, SystemResolver};
 
 use crate::config::Settings;
+
+/// The URL code fetcher, with start-up warnings for risky settings.
+fn build_fetcher(settings: &Settings) -> Result<HttpFetcher> {
+    if settings.allowed_code_source_hosts.is_empty() && settings.production {
+        tracing::warn!(
+            "AllowedCodeSourceHosts is empty: worker code may be loaded from any public host. \
+             List the hosts code may come from (e.g. ALLOWED_CODE_SOURCE_HOSTS=code.example.com)."
+        );
+    }
+    if settings.allow_private_networks {
+        tracing::warn!(
+            "CodeSource:AllowPrivateNetworks is on: worker code may be loaded from private, loopback and \
+             link-local addresses (cloud metadata included). For development and tests only."
+        );
+    }
+    for (name, c) in &settings.code_source_credentials {
+        if c.hosts.is_empty() {
+            tracing::warn!(
+                credential = %name,
+                "code-source credential has no Hosts (CodeSourceCredentials:{name}:Hosts); it is never sent"
+            );
+        }
+    }
+    let policy = FetchPolicy {
+        allowed_hosts: settings.allowed_code_source_hosts.clone(),
+        allow_private_networks: settings.allow_private_networks,
+        max_bytes: settings.max_code_bytes,
+        timeout: settings.fetch_timeout,
+        extra_roots_pem: settings.extra_root_pems.clone(),
+        public_overrides: Vec::new(),
+    };
+    HttpFetcher::new(
+        policy,
+        settings.code_source_credentials.clone(),
+        Arc::new(SystemResolver),
+    )
+    .map_err(|e| anyhow!("{e} (CodeSource:ExtraRootCertificates)"))
+}
 
 pub async fn run(settings: Settings, port_file: Option<PathBuf>) -> Result<()> {
     let metrics = Arc::new(Metrics::new());
@@ -22,12 +61,13 @@ pub async fn run(settings: Settings, port_file: Option<PathBuf>) -> Result<()> {
     })?;
     tracing::info!(path = %settings.state_store_path.display(), "embedded state store opened");
 
+    let fetcher = build_fetcher(&settings)?;
     let bus = EmbeddedBus::new(settings.queue_capacity, settings.publish_timeout);
     let manager = Manager::new(
         Arc::new(store),
         Arc::new(bus),
         engines,
-        Arc::new(DisabledFetcher),
+        Arc::new(fetcher),
         ManagerSettings {
             instance_id: settings.instance_id.clone(),
             max_code_bytes: settings.max_code_bytes,

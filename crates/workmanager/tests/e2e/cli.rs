@@ -173,3 +173,72 @@ fn serve_refuses_bad_configuration_naming_the_key() {
     assert!(err.contains("Recovery:LeaseTtlSeconds = \"5\" (from the command line): must be a whole number from 10 to 86400"), "{err}");
     assert!(err.contains("WORKER_RECOVERY_ON_START"), "{err}");
 }
+
+// Multi-threaded: the CLI runs as a blocking child process while this
+// runtime's test server answers its fetch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_creates_a_worker_from_a_url_with_its_hash_and_credential() {
+    use sha2::{Digest, Sha256};
+    use workmanager_fetch::testing::{Reply, TestServer};
+    let dir = tempfile::tempdir().unwrap();
+    let code = versioned("from-url");
+    let served = code.clone();
+    let server = TestServer::http("127.0.0.1".parse().unwrap(), move |_: &str| {
+        Reply::Body(served.clone().into_bytes())
+    })
+    .await;
+    let svc = Service::start_env(
+        dir.path(),
+        &[
+            "CodeSource:AllowPrivateNetworks=true",
+            "CodeSourceCredentials:reg:Hosts=127.0.0.1",
+        ],
+        &[("CodeSourceCredentials__reg__Token", "tk")],
+    );
+    svc.wait_ready().await;
+    let url = server.url("http", "/w.py");
+    let digest = hex::encode(Sha256::digest(code.as_bytes()));
+    let (ok, out, err) = wm(
+        &svc,
+        &[
+            "workers",
+            "create",
+            "--topic",
+            "t",
+            "--url",
+            &url,
+            "--sha256",
+            &digest,
+            "--credential",
+            "reg",
+            "--start",
+        ],
+    );
+    assert!(ok, "{err}");
+    let id = out.trim().to_string();
+    let mut c = svc.grpc().await;
+    assert_eq!(
+        invoke(&mut c, &id, serde_json::json!(1)).await.unwrap()["data"]["version"],
+        "from-url"
+    );
+    assert_eq!(
+        server.requests()[0].header("authorization"),
+        Some("Bearer tk")
+    );
+    // A wrong hash: the service's refusal, on stderr, and a failing exit.
+    let (ok, _, err) = wm(
+        &svc,
+        &[
+            "workers",
+            "create",
+            "--topic",
+            "t",
+            "--url",
+            &url,
+            "--sha256",
+            &"0".repeat(64),
+        ],
+    );
+    assert!(!ok);
+    assert!(err.contains("does not match the expected SHA-256"), "{err}");
+}

@@ -28,6 +28,20 @@ impl Service {
     /// As `start`; with `closed_output`, the service's stdout and stderr are
     /// pipes whose reading ends are closed at once (a dead log sink).
     pub fn start_with(dir: &Path, settings: &[&str], closed_output: bool) -> Service {
+        Service::start_full(dir, settings, &[], closed_output)
+    }
+
+    /// As `start`, with extra environment variables for the service.
+    pub fn start_env(dir: &Path, settings: &[&str], env: &[(&str, &str)]) -> Service {
+        Service::start_full(dir, settings, env, false)
+    }
+
+    fn start_full(
+        dir: &Path,
+        settings: &[&str],
+        env: &[(&str, &str)],
+        closed_output: bool,
+    ) -> Service {
         let port_file = dir.join(format!("ports-{}.json", uuid::Uuid::new_v4()));
         let log = dir.join(format!("service-{}.log", uuid::Uuid::new_v4()));
         let mut cmd = Command::new(BIN);
@@ -55,6 +69,7 @@ impl Service {
         for s in settings {
             cmd.args(["--set", s]);
         }
+        cmd.envs(env.iter().copied());
         let mut child = cmd.spawn().expect("start workmanager");
         // Dropping the reading ends closes them: every later write fails.
         drop(child.stdout.take());

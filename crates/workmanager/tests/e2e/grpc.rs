@@ -314,7 +314,7 @@ async fn hot_reload_lets_in_flight_calls_finish_on_the_old_code() {
 }
 
 #[tokio::test]
-async fn engines_and_url_sources_are_honest() {
+async fn list_engines_names_the_python_engine() {
     let dir = tempfile::tempdir().unwrap();
     let svc = Service::start_ready(dir.path(), &[]).await;
     let mut c = svc.grpc().await;
@@ -329,32 +329,6 @@ async fn engines_and_url_sources_are_honest() {
         (engines[0].mime_type.as_str(), engines[0].language.as_str()),
         ("text/x-python", "Python")
     );
-
-    // URL sources are not in this build: a clear INVALID_ARGUMENT, never a fake success.
-    let mut req = create_req("x", false);
-    req.code_source = Some(pb::CodeSource {
-        source: Some(pb::code_source::Source::Url(
-            "https://example.com/w.py".into(),
-        )),
-        ..Default::default()
-    });
-    let err = c.create_worker(req).await.unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(
-        err.message().contains("URL code sources are not enabled"),
-        "{}",
-        err.message()
-    );
-    let id = create(&mut c, &versioned("v1"), false).await;
-    let err = c
-        .load_code_from_url(pb::LoadCodeFromUrlRequest {
-            id,
-            url: "https://example.com/w.py".into(),
-            content_sha256: String::new(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
 }
 
 #[tokio::test]

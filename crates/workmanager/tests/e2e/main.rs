@@ -11,3 +11,4 @@ mod rest;
 mod restart;
 mod sandbox;
 mod sandbox_seed;
+mod url_code;
