@@ -37,10 +37,15 @@ impl WorkManagerService {
 
 /// The request context (correlation id; caller once authentication exists).
 pub fn context<T>(req: &Request<T>) -> RequestContext {
-    match req.extensions().get::<CorrelationId>() {
+    let mut ctx = match req.extensions().get::<CorrelationId>() {
         Some(c) => RequestContext::new(c.0.clone()),
         None => RequestContext::new(uuid::Uuid::new_v4().to_string()),
+    };
+    if let Some(c) = req.extensions().get::<crate::auth::Caller>() {
+        ctx.caller = c.principal.name.clone();
+        ctx.source = c.source.map(|s| s.to_string()).unwrap_or_default();
     }
+    ctx
 }
 
 type EventStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;

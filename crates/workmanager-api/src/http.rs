@@ -10,7 +10,7 @@ use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use axum::{Extension, Json, Router};
+use axum::{Json, Router};
 use http::StatusCode;
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
@@ -69,6 +69,7 @@ pub fn router(
         .route("/v1/engines", get(engines))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(opts.max_message_bytes))
+        .layer(crate::auth::AuthLayer::new(opts.auth.clone()))
         .layer(CorrelationLayer::new(inflight))
         .with_state(AppState {
             svc,
@@ -76,9 +77,32 @@ pub fn router(
         })
 }
 
-/// Runs a gRPC method for a REST request, carrying the correlation id.
+/// A REST request's correlation id (`.0`) and authenticated caller (`.1`),
+/// carried into the gRPC method a handler calls and into its errors.
+#[derive(Debug, Clone)]
+pub(crate) struct Ctx(pub String, pub Option<crate::auth::Caller>);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Ctx {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(Ctx(
+            parts
+                .extensions
+                .get::<CorrelationId>()
+                .map(|c| c.0.clone())
+                .unwrap_or_default(),
+            parts.extensions.get::<crate::auth::Caller>().cloned(),
+        ))
+    }
+}
+
+/// Runs a gRPC method for a REST request, carrying the correlation id and caller.
 async fn call<Req, Resp, Fut>(
-    cid: &CorrelationId,
+    cid: &Ctx,
     message: Req,
     f: impl FnOnce(Request<Req>) -> Fut,
 ) -> ApiResult<Json<Resp>>
@@ -86,7 +110,10 @@ where
     Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
 {
     let mut req = Request::new(message);
-    req.extensions_mut().insert(cid.clone());
+    req.extensions_mut().insert(CorrelationId(cid.0.clone()));
+    if let Some(caller) = &cid.1 {
+        req.extensions_mut().insert(caller.clone());
+    }
     f(req)
         .await
         .map(|r| Json(r.into_inner()))
@@ -94,7 +121,7 @@ where
 }
 
 /// Parses a JSON body, or says what is wrong with it.
-fn parse<T: DeserializeOwned>(body: &Bytes, cid: &CorrelationId) -> ApiResult<T> {
+fn parse<T: DeserializeOwned>(body: &Bytes, cid: &Ctx) -> ApiResult<T> {
     if body.is_empty() {
         return Err(ApiError::bad_request(
             "the request body is empty; send a JSON object",
@@ -105,7 +132,7 @@ fn parse<T: DeserializeOwned>(body: &Bytes, cid: &CorrelationId) -> ApiResult<T>
         .map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}"), &cid.0))
 }
 
-async fn not_found(Extension(cid): Extension<CorrelationId>) -> ApiError {
+async fn not_found(cid: Ctx) -> ApiError {
     ApiError {
         status: StatusCode::NOT_FOUND,
         code: "NOT_FOUND",
@@ -219,7 +246,7 @@ async fn openapi() -> Json<Value> {
 
 async fn create_worker(
     State(s): State<AppState>,
-    Extension(cid): Extension<CorrelationId>,
+    cid: Ctx,
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<pb::CreateWorkerResponse>)> {
     let req: pb::CreateWorkerRequest = parse(&body, &cid)?;
@@ -229,7 +256,7 @@ async fn create_worker(
 
 async fn list_workers(
     State(s): State<AppState>,
-    Extension(cid): Extension<CorrelationId>,
+    cid: Ctx,
     Query(query): Query<Vec<(String, String)>>,
 ) -> ApiResult<Json<pb::ListWorkersResponse>> {
     let mut filters = Vec::new();
@@ -259,7 +286,7 @@ async fn list_workers(
 
 async fn get_worker(
     State(s): State<AppState>,
-    Extension(cid): Extension<CorrelationId>,
+    cid: Ctx,
     Path(id): Path<String>,
 ) -> ApiResult<Json<pb::WorkerInfo>> {
     call(&cid, pb::GetWorkerRequest { id }, |r| s.svc.get_worker(r)).await
@@ -267,7 +294,7 @@ async fn get_worker(
 
 async fn delete_worker(
     State(s): State<AppState>,
-    Extension(cid): Extension<CorrelationId>,
+    cid: Ctx,
     Path(id): Path<String>,
 ) -> ApiResult<Json<pb::DeleteWorkerResponse>> {
     call(&cid, pb::DeleteWorkerRequest { id }, |r| {
@@ -278,7 +305,7 @@ async fn delete_worker(
 
 async fn start_worker(
     State(s): State<AppState>,
-    Extension(cid): Extension<CorrelationId>,
+    cid: Ctx,
     Path(id): Path<String>,
 ) -> ApiResult<Json<pb::StartWorkerResponse>> {
     call(&cid, pb::StartWorkerRequest { id }, |r| {
@@ -289,7 +316,7 @@ async fn start_worker(
 
 async fn stop_worker(
     State(s): State<AppState>,
-    Extension(cid): Extension<CorrelationId>,
+    cid: Ctx,
     Path(id): Path<String>,
 ) -> ApiResult<Json<pb::StopWorkerResponse>> {
     call(&cid, pb::StopWorkerRequest { id }, |r| s.svc.stop_worker(r)).await
@@ -298,7 +325,7 @@ async fn stop_worker(
 /// Body: `{"codeSource": {"content": "<base64>"} | {"url": "..."}}`.
 async fn load_code(
     State(s): State<AppState>,
-    Extension(cid): Extension<CorrelationId>,
+    cid: Ctx,
     Path(id): Path<String>,
     body: Bytes,
 ) -> ApiResult<Json<pb::LoadCodeResponse>> {
@@ -309,7 +336,7 @@ async fn load_code(
 
 async fn history(
     State(s): State<AppState>,
-    Extension(cid): Extension<CorrelationId>,
+    cid: Ctx,
     Path(id): Path<String>,
 ) -> ApiResult<Json<pb::GetWorkerHistoryResponse>> {
     call(&cid, pb::GetWorkerHistoryRequest { id }, |r| {
@@ -320,7 +347,7 @@ async fn history(
 
 async fn get_tags(
     State(s): State<AppState>,
-    Extension(cid): Extension<CorrelationId>,
+    cid: Ctx,
     Path(id): Path<String>,
 ) -> ApiResult<Json<pb::GetTagsResponse>> {
     call(&cid, pb::GetTagsRequest { id }, |r| s.svc.get_tags(r)).await
@@ -329,7 +356,7 @@ async fn get_tags(
 /// Body: `{"tags": {"k": "v"}}`, merged into the worker's tags.
 async fn set_tags(
     State(s): State<AppState>,
-    Extension(cid): Extension<CorrelationId>,
+    cid: Ctx,
     Path(id): Path<String>,
     body: Bytes,
 ) -> ApiResult<Json<pb::SetTagsResponse>> {
@@ -340,7 +367,7 @@ async fn set_tags(
 
 async fn get_tag(
     State(s): State<AppState>,
-    Extension(cid): Extension<CorrelationId>,
+    cid: Ctx,
     Path((id, key)): Path<(String, String)>,
 ) -> ApiResult<Json<pb::GetTagResponse>> {
     call(&cid, pb::GetTagRequest { id, key }, |r| s.svc.get_tag(r)).await
@@ -349,7 +376,7 @@ async fn get_tag(
 /// Body: `{"value": "v"}`.
 async fn set_tag(
     State(s): State<AppState>,
-    Extension(cid): Extension<CorrelationId>,
+    cid: Ctx,
     Path((id, key)): Path<(String, String)>,
     body: Bytes,
 ) -> ApiResult<Json<pb::SetTagResponse>> {
@@ -373,7 +400,7 @@ async fn set_tag(
 
 async fn recover(
     State(s): State<AppState>,
-    Extension(cid): Extension<CorrelationId>,
+    cid: Ctx,
 ) -> ApiResult<Json<pb::RecoverWorkersResponse>> {
     call(&cid, pb::RecoverWorkersRequest {}, |r| {
         s.svc.recover_workers(r)
@@ -381,10 +408,7 @@ async fn recover(
     .await
 }
 
-async fn engines(
-    State(s): State<AppState>,
-    Extension(cid): Extension<CorrelationId>,
-) -> ApiResult<Json<pb::ListEnginesResponse>> {
+async fn engines(State(s): State<AppState>, cid: Ctx) -> ApiResult<Json<pb::ListEnginesResponse>> {
     call(&cid, pb::ListEnginesRequest {}, |r| s.svc.list_engines(r)).await
 }
 
@@ -392,7 +416,7 @@ async fn engines(
 /// `{"event": {...}}`, or `{}` when the worker returned nothing.
 async fn invoke_worker(
     State(s): State<AppState>,
-    Extension(cid): Extension<CorrelationId>,
+    cid: Ctx,
     Path(id): Path<String>,
     body: Bytes,
 ) -> ApiResult<Json<Value>> {

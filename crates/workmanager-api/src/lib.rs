@@ -7,13 +7,16 @@
 //! Invariant: no lifecycle logic lives here; REST handlers call the same
 //! gRPC service methods, so the two APIs cannot drift apart.
 
+pub mod auth;
 pub mod convert;
 pub mod correlation;
 pub mod error;
 pub mod grpc;
 pub mod http;
+pub mod jwt;
 mod openapi;
 pub mod server;
+pub mod tls;
 mod topics;
 
 /// Generated protobuf, tonic and proto3-JSON code for the wire contract.

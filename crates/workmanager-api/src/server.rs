@@ -12,12 +12,14 @@ use tokio_stream::StreamExt;
 use tonic_health::ServingStatus;
 use workmanager_core::Manager;
 
+use crate::auth::{AuthConfig, AuthLayer};
 use crate::correlation::{CorrelationLayer, InFlight};
 use crate::grpc::WorkManagerService;
 use crate::pb;
 use crate::pb::work_manager_server::WorkManagerServer;
+use crate::tls::{TlsConnectInfo, TlsListener, TlsState};
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ServeOptions {
     /// Largest request accepted on either port (gRPC message or HTTP body).
     pub max_message_bytes: usize,
@@ -26,7 +28,14 @@ pub struct ServeOptions {
     pub drain_timeout: Duration,
     /// Largest CloudEvent (or batch) accepted by `POST /v1/topics/{topic}`.
     pub max_event_bytes: usize,
+    /// Who may call what (open when nothing is configured).
+    pub auth: Arc<AuthConfig>,
+    /// TLS (and mTLS) for both ports; plain text when `None`.
+    pub tls: Option<Arc<TlsState>>,
 }
+
+/// How long a TLS handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub const SERVICE_NAME: &str = "virtufin.WorkManager";
 
@@ -80,31 +89,81 @@ pub async fn serve(
         .max_decoding_message_size(opts.max_message_bytes)
         .max_encoding_message_size(opts.max_message_bytes);
 
-    let incoming = TcpListenerStream::new(grpc).map(|s| {
-        if let Ok(s) = &s {
-            let _ = s.set_nodelay(true);
-        }
-        s
-    });
     let mut grpc_stop = stop_rx.clone();
-    let grpc_server = tonic::transport::Server::builder()
+    let routes = tonic::transport::Server::builder()
         .layer(CorrelationLayer::new(inflight.clone()))
+        .layer(AuthLayer::new(opts.auth.clone()))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(api)
-        .serve_with_incoming_shutdown(incoming, async move {
-            let _ = grpc_stop.wait_for(|s| *s).await;
-        });
+        .add_service(api);
+    let grpc_done = async move {
+        let _ = grpc_stop.wait_for(|s| *s).await;
+    };
+    let grpc_server: futures::future::BoxFuture<'static, Result<(), String>> = match &opts.tls {
+        Some(tls) => {
+            let incoming = tokio_stream::wrappers::ReceiverStream::new(crate::tls::incoming(
+                grpc,
+                tls.clone(),
+                HANDSHAKE_TIMEOUT,
+            ))
+            .map(Ok::<_, std::io::Error>);
+            Box::pin(async move {
+                routes
+                    .serve_with_incoming_shutdown(incoming, grpc_done)
+                    .await
+                    .map_err(|e| format!("gRPC server: {e}"))
+            })
+        }
+        None => {
+            let incoming = TcpListenerStream::new(grpc).map(|s| {
+                if let Ok(s) = &s {
+                    let _ = s.set_nodelay(true);
+                }
+                s
+            });
+            Box::pin(async move {
+                routes
+                    .serve_with_incoming_shutdown(incoming, grpc_done)
+                    .await
+                    .map_err(|e| format!("gRPC server: {e}"))
+            })
+        }
+    };
 
     let router = crate::http::router(svc, &opts, inflight.clone(), ready);
     let mut http_stop = stop_rx.clone();
-    let http_listener = http.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let http_server = axum::serve(http_listener, router).with_graceful_shutdown(async move {
+    let http_done = async move {
         let _ = http_stop.wait_for(|s| *s).await;
-    });
+    };
+    let http_server: futures::future::BoxFuture<'static, Result<(), String>> = match &opts.tls {
+        Some(tls) => {
+            let local = http.local_addr().map_err(|e| e.to_string())?;
+            let listener = TlsListener {
+                rx: crate::tls::incoming(http, tls.clone(), HANDSHAKE_TIMEOUT),
+                local,
+            };
+            let app = router.into_make_service_with_connect_info::<TlsConnectInfo>();
+            Box::pin(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(http_done)
+                    .await
+                    .map_err(|e| format!("HTTP server: {e}"))
+            })
+        }
+        None => {
+            let listener = http.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
+            let app = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+            Box::pin(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(http_done)
+                    .await
+                    .map_err(|e| format!("HTTP server: {e}"))
+            })
+        }
+    };
 
     tokio::spawn(async move {
         shutdown.await;
@@ -127,8 +186,8 @@ pub async fn serve(
     };
     tokio::select! {
         (g, h) = async { tokio::join!(grpc_server, http_server) } => {
-            g.map_err(|e| format!("gRPC server: {e}"))?;
-            h.map_err(|e| format!("HTTP server: {e}"))?;
+            g?;
+            h?;
         }
         // Idle keep-alive connections must not hold the service open: once no
         // request is in flight, the servers are dropped, closing them all.

@@ -10,7 +10,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::{Extension, Json};
+use axum::Json;
 use base64::Engine as _;
 use futures::Stream;
 use http::{HeaderMap, StatusCode};
@@ -19,7 +19,6 @@ use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::StreamExt;
 use workmanager_core::CloudEvent;
 
-use crate::correlation::CorrelationId;
 use crate::error::ApiError;
 use crate::http::{ApiResult, AppState};
 
@@ -133,7 +132,7 @@ fn binary(
 
 pub(crate) async fn publish(
     State(s): State<AppState>,
-    Extension(cid): Extension<CorrelationId>,
+    cid: crate::http::Ctx,
     Path(topic): Path<String>,
     headers: HeaderMap,
     body: Bytes,
@@ -178,7 +177,7 @@ pub(crate) async fn publish(
 
 pub(crate) async fn events(
     State(s): State<AppState>,
-    Extension(cid): Extension<CorrelationId>,
+    cid: crate::http::Ctx,
     Path(topic): Path<String>,
 ) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
     let rx = s

@@ -11,6 +11,8 @@ pub struct RequestContext {
     pub correlation_id: String,
     /// Authenticated principal, or "anonymous" while authentication is off.
     pub caller: String,
+    /// The client's address, when known.
+    pub source: String,
 }
 
 impl RequestContext {
@@ -18,6 +20,7 @@ impl RequestContext {
         Self {
             correlation_id: correlation_id.into(),
             caller: "anonymous".into(),
+            source: String::new(),
         }
     }
 
@@ -26,6 +29,7 @@ impl RequestContext {
         Self {
             correlation_id: uuid::Uuid::new_v4().to_string(),
             caller: "system".into(),
+            source: String::new(),
         }
     }
 }
@@ -45,6 +49,7 @@ pub fn record(
         mime_type,
         correlation_id = %ctx.correlation_id,
         caller = %ctx.caller,
+        source = %ctx.source,
         outcome,
         "audit"
     );

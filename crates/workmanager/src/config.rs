@@ -13,6 +13,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::Value;
+use workmanager_api::auth::{ApiKey, CertRole, Role};
+use workmanager_api::jwt::JwtSettings;
+use workmanager_api::tls::TlsFiles;
 use workmanager_core::RecoverySettings;
 use workmanager_fetch::{HostPattern, NamedCredential};
 
@@ -93,6 +96,12 @@ pub struct Settings {
     pub extra_root_pems: Vec<Vec<u8>>,
     /// `CodeSourceCredentials:<name>:{Username,Token,TokenFile,Hosts}`.
     pub code_source_credentials: HashMap<String, NamedCredential>,
+    /// `Tls:CertificatePath`, `Tls:KeyPath`, `Tls:ClientCaPath`.
+    pub tls: Option<TlsFiles>,
+    /// `Tls:ReloadIntervalSeconds`: how often the TLS files are checked.
+    pub tls_reload_interval: Duration,
+    /// `Auth:*`.
+    pub auth: AuthSettings,
     pub max_code_bytes: usize,
     pub python_executable: String,
     pub python_blocked_modules: Option<Vec<String>>,
@@ -124,6 +133,21 @@ pub struct Settings {
     pub max_event_bytes: usize,
 }
 
+/// Authentication settings (`Auth:*`).
+#[derive(Debug, Clone, Default)]
+pub struct AuthSettings {
+    /// `Auth:ApiKeys:<name>:Sha256` (hex) and `:Role`.
+    pub api_keys: Vec<ApiKey>,
+    /// `Auth:Jwt:*`.
+    pub jwt: Option<JwtSettings>,
+    /// `Auth:Certificates:<label>:Name` (a DNS SAN of the client
+    /// certificate) and `:Role`.
+    pub cert_roles: Vec<CertRole>,
+    /// `Auth:OpenHealth`, `Auth:OpenMetrics` (both true).
+    pub open_health: bool,
+    pub open_metrics: bool,
+}
+
 /// Where a value came from, for error messages.
 #[derive(Debug, Clone)]
 struct Entry {
@@ -133,6 +157,8 @@ struct Entry {
     origin: String,
     /// From a configuration file (where secrets must not be in production).
     from_file: bool,
+    /// Resolved from a `secret:` reference: never printed.
+    secret: bool,
 }
 
 /// The merged, flattened configuration.
@@ -158,6 +184,7 @@ impl Layers {
                 value,
                 origin,
                 from_file,
+                secret: false,
             },
         );
     }
@@ -299,9 +326,14 @@ struct Reader<'a> {
 
 impl Reader<'_> {
     fn fail(&mut self, e: &Entry, valid: &str) {
+        let value = if e.secret {
+            "(a secret)".to_string()
+        } else {
+            format!("{:?}", e.value)
+        };
         self.errors.push(format!(
-            "invalid configuration: {} = {:?} (from {}): {valid}",
-            e.key, e.value, e.origin
+            "invalid configuration: {} = {value} (from {}): {valid}",
+            e.key, e.origin
         ));
     }
 
@@ -315,6 +347,90 @@ impl Reader<'_> {
             Some(e) => e.value.trim().to_string(),
             None => default.to_string(),
         }
+    }
+
+    fn role(&mut self, key: &str) -> Option<Role> {
+        let e = self.layers.get(key).cloned()?;
+        let role = Role::parse(&e.value);
+        if role.is_none() {
+            self.fail(&e, "must be viewer, operator or admin");
+        }
+        role
+    }
+
+    fn auth(&mut self) -> AuthSettings {
+        let mut a = AuthSettings {
+            open_health: self.bool("Auth:OpenHealth", true),
+            open_metrics: self.bool("Auth:OpenMetrics", true),
+            ..Default::default()
+        };
+        for name in self.layers.children("Auth:ApiKeys") {
+            let key = |f: &str| format!("Auth:ApiKeys:{name}:{f}");
+            let sha = self.layers.get(&key("Sha256")).cloned();
+            let digest = sha.as_ref().and_then(|e| {
+                hex::decode(e.value.trim())
+                    .ok()
+                    .and_then(|b| <[u8; 32]>::try_from(b).ok())
+            });
+            match (digest, self.role(&key("Role"))) {
+                (Some(sha256), Some(role)) => a.api_keys.push(ApiKey {
+                    name: name.clone(),
+                    sha256,
+                    role,
+                }),
+                (None, _) => self.errors.push(format!(
+                    "invalid configuration: {} must be the SHA-256 (64 hex digits) of the key; \
+                     e.g. printf %s \"$KEY\" | sha256sum",
+                    key("Sha256")
+                )),
+                (_, None) => self.errors.push(format!(
+                    "invalid configuration: {} must be viewer, operator or admin",
+                    key("Role")
+                )),
+            }
+        }
+        for label in self.layers.children("Auth:Certificates") {
+            let key = |f: &str| format!("Auth:Certificates:{label}:{f}");
+            let name = self
+                .layers
+                .get(&key("Name"))
+                .map(|e| e.value.trim().to_string());
+            match (name, self.role(&key("Role"))) {
+                (Some(name), Some(role)) if !name.is_empty() => {
+                    a.cert_roles.push(CertRole { name, role })
+                }
+                _ => self.errors.push(format!(
+                    "invalid configuration: {} and {} must both be set",
+                    key("Name"),
+                    key("Role")
+                )),
+            }
+        }
+        if let Some(alg) = self.layers.get("Auth:Jwt:Algorithm").cloned() {
+            let text = |r: &mut Self, k: &str| r.layers.get(k).map(|e| e.value.trim().to_string());
+            let public_key_pem = self.files("Auth:Jwt:PublicKeyPath").into_iter().next();
+            let jwks_json = self.files("Auth:Jwt:JwksPath").into_iter().next();
+            a.jwt = Some(JwtSettings {
+                algorithm: alg.value.trim().to_string(),
+                secret: text(self, "Auth:Jwt:Secret"),
+                public_key_pem,
+                jwks_json,
+                issuer: text(self, "Auth:Jwt:Issuer"),
+                audience: text(self, "Auth:Jwt:Audience"),
+                role_claim: text(self, "Auth:Jwt:RoleClaim").unwrap_or_else(|| "roles".into()),
+                leeway_seconds: self.int("Auth:Jwt:LeewaySeconds", 30, 0, 300),
+            });
+            if let Some(e) = self.layers.get("Auth:Jwt:Secret").cloned() {
+                if e.from_file && !e.secret {
+                    self.errors.push(format!(
+                        "invalid configuration: Auth:Jwt:Secret is a secret and is not read from {}; \
+                         use secret:env:NAME or secret:file:/path",
+                        e.origin
+                    ));
+                }
+            }
+        }
+        a
     }
 
     /// A host allow-list (`host.example`, `*.example`).
@@ -356,7 +472,7 @@ impl Reader<'_> {
                 self.layers.get(&key("Token")).cloned(),
                 self.layers.get(&key("TokenFile")).cloned(),
             ) {
-                (Some(t), _) if t.from_file && production => {
+                (Some(t), _) if t.from_file && !t.secret && production => {
                     self.errors.push(format!(
                         "invalid configuration: {} is a secret and is not read from {} in production; \
                          set it in the environment (CodeSourceCredentials__{name}__Token) or name a secret \
@@ -451,10 +567,50 @@ impl Reader<'_> {
     }
 }
 
+/// Resolves `secret:env:NAME` and `secret:file:/path` references in place:
+/// any value may be one, so passwords and keys live in the environment or
+/// in mounted files (Kubernetes secrets), never in appsettings.json. Errors
+/// name the key and the reference, never a secret value.
+impl Layers {
+    fn resolve_secrets(&mut self) -> Vec<String> {
+        let mut errors = Vec::new();
+        for e in self.map.values_mut() {
+            let Some(reference) = e.value.strip_prefix("secret:") else {
+                continue;
+            };
+            let resolved = if let Some(name) = reference.strip_prefix("env:") {
+                std::env::var(name).map_err(|_| format!("environment variable {name} is not set"))
+            } else if let Some(path) = reference.strip_prefix("file:") {
+                std::fs::read_to_string(path)
+                    .map(|v| v.trim_end_matches(['\n', '\r']).to_string())
+                    .map_err(|err| format!("cannot read {path}: {err}"))
+            } else {
+                Err("use secret:env:NAME or secret:file:/path".to_string())
+            };
+            match resolved {
+                Ok(v) => {
+                    e.value = v;
+                    e.secret = true;
+                }
+                Err(why) => errors.push(format!(
+                    "invalid configuration: {} = {:?} (from {}): {why}",
+                    e.key, e.value, e.origin
+                )),
+            }
+        }
+        errors
+    }
+}
+
 pub fn settings(layers: &Layers) -> Result<Settings, Vec<String>> {
+    let mut resolved = Layers {
+        map: layers.map.clone(),
+    };
+    let secret_errors = resolved.resolve_secrets();
+    let layers = &resolved;
     let mut r = Reader {
         layers,
-        errors: Vec::new(),
+        errors: secret_errors,
     };
     let bind_text = r.string("BindAddress", "127.0.0.1");
     let bind_address = match bind_text.parse::<IpAddr>() {
@@ -493,6 +649,33 @@ pub fn settings(layers: &Layers) -> Result<Settings, Vec<String>> {
     let allowed_code_source_hosts = r.hosts("AllowedCodeSourceHosts");
     let extra_root_pems = r.files("CodeSource:ExtraRootCertificates");
     let code_source_credentials = r.credentials(production);
+    let tls = match (
+        layers.get("Tls:CertificatePath").cloned(),
+        layers.get("Tls:KeyPath").cloned(),
+    ) {
+        (Some(c), Some(k)) => Some(TlsFiles {
+            certificate: PathBuf::from(c.value.trim()),
+            key: PathBuf::from(k.value.trim()),
+            client_ca: layers
+                .get("Tls:ClientCaPath")
+                .map(|e| PathBuf::from(e.value.trim())),
+        }),
+        (None, None) => {
+            if let Some(e) = layers.get("Tls:ClientCaPath").cloned() {
+                r.fail(&e, "needs Tls:CertificatePath and Tls:KeyPath as well");
+            }
+            None
+        }
+        (Some(e), None) | (None, Some(e)) => {
+            r.fail(
+                &e,
+                "Tls:CertificatePath and Tls:KeyPath go together; set both",
+            );
+            None
+        }
+    };
+    let tls_reload_interval = Duration::from_secs(r.int("Tls:ReloadIntervalSeconds", 10, 1, 3600));
+    let auth = r.auth();
     let allow_private_networks = r.bool("CodeSource:AllowPrivateNetworks", false);
     let fetch_timeout = Duration::from_secs(r.int("CodeSource:FetchTimeoutSeconds", 30, 1, 600));
     let max_code_bytes = r.int(
@@ -582,6 +765,9 @@ pub fn settings(layers: &Layers) -> Result<Settings, Vec<String>> {
             fetch_timeout,
             extra_root_pems,
             code_source_credentials,
+            tls,
+            tls_reload_interval,
+            auth,
             max_code_bytes,
             python_executable,
             python_blocked_modules,

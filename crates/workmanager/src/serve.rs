@@ -6,13 +6,57 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, Context, Result};
 use tokio::net::TcpListener;
+use workmanager_api::auth::AuthConfig;
+use workmanager_api::jwt::JwtVerifier;
 use workmanager_api::server::{serve, ServeOptions};
+use workmanager_api::tls::TlsState;
 use workmanager_backends::{EmbeddedBus, EmbeddedStore};
 use workmanager_core::{EngineRegistry, Manager, ManagerSettings, Metrics};
 use workmanager_engine_python::{resolve_interpreter, PythonConfig, PythonEngine, SandboxMode};
 use workmanager_fetch::{FetchPolicy, HttpFetcher, SystemResolver};
 
 use crate::config::Settings;
+
+/// Authentication from the `Auth:*` settings.
+fn build_auth(settings: &Settings) -> Result<AuthConfig> {
+    let a = &settings.auth;
+    let jwt = match &a.jwt {
+        Some(j) => Some(Arc::new(
+            JwtVerifier::new(j).map_err(|e| anyhow!("invalid configuration: {e}"))?,
+        )),
+        None => None,
+    };
+    if !a.cert_roles.is_empty()
+        && settings
+            .tls
+            .as_ref()
+            .and_then(|t| t.client_ca.as_ref())
+            .is_none()
+    {
+        return Err(anyhow!(
+            "invalid configuration: Auth:Certificates maps client certificates to roles, but \
+             Tls:ClientCaPath is not set, so no client certificate is ever verified"
+        ));
+    }
+    let cfg = AuthConfig {
+        api_keys: a.api_keys.clone(),
+        jwt,
+        cert_roles: a.cert_roles.clone(),
+        open_health: a.open_health,
+        open_metrics: a.open_metrics,
+    };
+    if cfg.enabled() {
+        tracing::info!(
+            api_keys = a.api_keys.len(),
+            jwt = a.jwt.is_some(),
+            certificates = a.cert_roles.len(),
+            "authentication on: every request needs credentials (health: {}, metrics: {})",
+            if a.open_health { "open" } else { "viewer" },
+            if a.open_metrics { "open" } else { "viewer" }
+        );
+    }
+    Ok(cfg)
+}
 
 /// The URL code fetcher, with start-up warnings for risky settings.
 fn build_fetcher(settings: &Settings) -> Result<HttpFetcher> {
@@ -88,7 +132,25 @@ pub async fn run(settings: Settings, port_file: Option<PathBuf>) -> Result<()> {
     if let Some(path) = port_file {
         write_port_file(&path, http_addr, grpc_addr)?;
     }
-    if !settings.bind_address.is_loopback() {
+    let auth = build_auth(&settings)?;
+    let tls = match &settings.tls {
+        Some(files) => {
+            let state = TlsState::load(files.clone()).map_err(|e| anyhow!(e))?;
+            state.spawn_reloader(settings.tls_reload_interval);
+            tracing::info!(
+                mutual = files.client_ca.is_some(),
+                "TLS on both ports{}",
+                if files.client_ca.is_some() {
+                    " (client certificates required)"
+                } else {
+                    ""
+                }
+            );
+            Some(state)
+        }
+        None => None,
+    };
+    if !settings.bind_address.is_loopback() && !auth.enabled() {
         tracing::warn!(
             bind = %settings.bind_address,
             "LISTENING ON A NON-LOOPBACK ADDRESS WITHOUT AUTHENTICATION: anyone who can reach this host can \
@@ -107,6 +169,8 @@ pub async fn run(settings: Settings, port_file: Option<PathBuf>) -> Result<()> {
             .saturating_add(1 << 20),
         drain_timeout: settings.drain_timeout,
         max_event_bytes: settings.max_event_bytes,
+        auth: Arc::new(auth),
+        tls,
     };
     serve(manager.clone(), grpc, http, opts, shutdown_signal())
         .await
