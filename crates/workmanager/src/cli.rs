@@ -140,8 +140,62 @@ pub enum ClientCmd {
     Engines,
 }
 
-pub async fn run(server: &str, output: Output, cmd: ClientCmd) -> Result<()> {
-    let mut c = connect(server).await?;
+/// How the CLI reaches the service: address, TLS and credentials.
+#[derive(Debug, Clone, Args)]
+pub struct ConnArgs {
+    /// The service's gRPC address, for client commands (https:// for TLS).
+    #[arg(
+        long,
+        global = true,
+        env = "WORKMANAGER_SERVER",
+        default_value = "http://127.0.0.1:25002"
+    )]
+    pub server: String,
+    /// CA certificate (PEM) that signed the service's certificate.
+    #[arg(long, global = true, env = "WORKMANAGER_CA")]
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM), for a service that requires mTLS.
+    #[arg(long, global = true, env = "WORKMANAGER_CERT", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, global = true, env = "WORKMANAGER_KEY", requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// Bearer token (JWT); prefer the environment variable to the flag.
+    #[arg(long, global = true, env = "WORKMANAGER_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// API key; prefer the environment variable to the flag.
+    #[arg(
+        long,
+        global = true,
+        env = "WORKMANAGER_API_KEY",
+        hide_env_values = true
+    )]
+    pub api_key: Option<String>,
+}
+
+/// Adds the caller's credentials to every call.
+#[derive(Clone)]
+pub struct Credentials(
+    Vec<(
+        &'static str,
+        tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+    )>,
+);
+
+impl tonic::service::Interceptor for Credentials {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        for (k, v) in &self.0 {
+            req.metadata_mut().insert(*k, v.clone());
+        }
+        Ok(req)
+    }
+}
+
+pub type Client =
+    WorkManagerClient<tonic::service::interceptor::InterceptedService<Channel, Credentials>>;
+
+pub async fn run(conn: &ConnArgs, output: Output, cmd: ClientCmd) -> Result<()> {
+    let mut c = connect(conn).await?;
     match cmd {
         ClientCmd::Workers(w) => workers(&mut c, output, w).await,
         ClientCmd::Tags(TagsCmd::Get { id, key: Some(key) }) => {
@@ -214,11 +268,7 @@ pub async fn run(server: &str, output: Output, cmd: ClientCmd) -> Result<()> {
     }
 }
 
-async fn workers(
-    c: &mut WorkManagerClient<Channel>,
-    output: Output,
-    cmd: WorkersCmd,
-) -> Result<()> {
+async fn workers(c: &mut Client, output: Output, cmd: WorkersCmd) -> Result<()> {
     match cmd {
         WorkersCmd::Create(a) => {
             let req = pb::CreateWorkerRequest {
@@ -342,15 +392,69 @@ fn emit(line: &str) -> Result<()> {
     writeln!(out, "{line}").context("cannot write to standard output")
 }
 
-async fn connect(server: &str) -> Result<WorkManagerClient<Channel>> {
-    let channel = Channel::from_shared(server.to_string())
-        .map_err(|_| anyhow!("--server {server:?} is not a valid URL; use e.g. http://127.0.0.1:25002"))?
-        .connect()
-        .await
-        .map_err(|_| anyhow!("cannot reach the WorkManager at {server}; is `workmanager serve` running? (set --server)"))?;
-    Ok(WorkManagerClient::new(channel)
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE))
+async fn connect(conn: &ConnArgs) -> Result<Client> {
+    let server = &conn.server;
+    let mut endpoint = Channel::from_shared(server.to_string()).map_err(|_| {
+        anyhow!("--server {server:?} is not a valid URL; use e.g. http://127.0.0.1:25002")
+    })?;
+    if server.starts_with("https://") || conn.ca.is_some() || conn.cert.is_some() {
+        let read = |p: &PathBuf, what: &str| {
+            std::fs::read(p).with_context(|| format!("cannot read the {what} {}", p.display()))
+        };
+        let mut tls = tonic::transport::ClientTlsConfig::new().with_webpki_roots();
+        if let Some(ca) = &conn.ca {
+            tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(read(
+                ca,
+                "CA certificate (--ca)",
+            )?));
+        }
+        if let (Some(cert), Some(key)) = (&conn.cert, &conn.key) {
+            tls = tls.identity(tonic::transport::Identity::from_pem(
+                read(cert, "client certificate (--cert)")?,
+                read(key, "client key (--key)")?,
+            ));
+        }
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| anyhow!("TLS settings are not usable: {e}"))?;
+    }
+    let channel = endpoint.connect().await.map_err(|e| {
+        anyhow!(
+            "cannot reach the WorkManager at {server}: {}; is `workmanager serve` running? \
+             (set --server; for TLS also --ca, and --cert/--key when it requires client certificates)",
+            error_chain(&e)
+        )
+    })?;
+    let mut creds = Vec::new();
+    if let Some(t) = &conn.token {
+        let v = format!("Bearer {}", t.trim())
+            .parse()
+            .map_err(|_| anyhow!("--token holds characters a header cannot carry"))?;
+        creds.push(("authorization", v));
+    }
+    if let Some(k) = &conn.api_key {
+        let v = k
+            .trim()
+            .parse()
+            .map_err(|_| anyhow!("--api-key holds characters a header cannot carry"))?;
+        creds.push(("x-api-key", v));
+    }
+    Ok(
+        WorkManagerClient::with_interceptor(channel, Credentials(creds))
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE),
+    )
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
 
 /// Awaits an RPC. On a terminal, a spinner on stderr shows that the CLI is

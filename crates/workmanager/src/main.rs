@@ -20,14 +20,8 @@ use clap::{Args, Parser, Subcommand};
     about = "Hosts user functions as workers on pub/sub topics"
 )]
 struct Cli {
-    /// The service's gRPC address, for client commands.
-    #[arg(
-        long,
-        global = true,
-        env = "WORKMANAGER_SERVER",
-        default_value = "http://127.0.0.1:25002"
-    )]
-    server: String,
+    #[command(flatten)]
+    conn: cli::ConnArgs,
     /// Output format of client commands.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = cli::Output::Table)]
     output: cli::Output,
@@ -110,7 +104,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve_main(args)),
         Command::Bench(args) => report(runtime.block_on(bench::run(args))),
-        Command::Client(cmd) => report(runtime.block_on(cli::run(&cli.server, cli.output, cmd))),
+        Command::Client(cmd) => report(runtime.block_on(cli::run(&cli.conn, cli.output, cmd))),
     }
 }
 

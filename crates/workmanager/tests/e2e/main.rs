@@ -11,4 +11,5 @@ mod rest;
 mod restart;
 mod sandbox;
 mod sandbox_seed;
+mod security;
 mod url_code;
