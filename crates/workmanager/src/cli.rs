@@ -155,10 +155,17 @@ pub struct ConnArgs {
     #[arg(long, global = true, env = "WORKMANAGER_CA")]
     pub ca: Option<PathBuf>,
     /// Client certificate (PEM), for a service that requires mTLS.
-    #[arg(long, global = true, env = "WORKMANAGER_CERT", requires = "key")]
+    #[arg(long, global = true, env = "WORKMANAGER_CERT", requires = "client_key")]
     pub cert: Option<PathBuf>,
-    /// The client certificate's private key (PEM).
-    #[arg(long, global = true, env = "WORKMANAGER_KEY", requires = "cert")]
+    /// The client certificate's private key (PEM). (Its id differs from its
+    /// flag: `tags get ID KEY` has a positional `key`.)
+    #[arg(
+        long = "key",
+        id = "client_key",
+        global = true,
+        env = "WORKMANAGER_KEY",
+        requires = "cert"
+    )]
     pub key: Option<PathBuf>,
     /// Bearer token (JWT); prefer the environment variable to the flag.
     #[arg(long, global = true, env = "WORKMANAGER_TOKEN", hide_env_values = true)]
