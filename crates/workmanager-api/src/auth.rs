@@ -662,6 +662,70 @@ mod tests {
     }
 
     #[test]
+    fn every_rest_route_needs_the_same_role_as_its_grpc_twin() {
+        // The REST mirror calls the gRPC methods: their roles must not drift.
+        let twins = [
+            ("POST", "/v1/workers", "CreateWorker"),
+            ("GET", "/v1/workers", "ListWorkers"),
+            ("GET", "/v1/workers/w1", "GetWorker"),
+            ("DELETE", "/v1/workers/w1", "DeleteWorker"),
+            ("POST", "/v1/workers/w1/start", "StartWorker"),
+            ("POST", "/v1/workers/w1/stop", "StopWorker"),
+            ("POST", "/v1/workers/w1/invoke", "InvokeWorker"),
+            ("PUT", "/v1/workers/w1/code", "LoadCode"),
+            ("GET", "/v1/workers/w1/history", "GetWorkerHistory"),
+            ("GET", "/v1/workers/w1/tags", "GetTags"),
+            ("PUT", "/v1/workers/w1/tags", "SetTags"),
+            ("GET", "/v1/workers/w1/tags/k", "GetTag"),
+            ("PUT", "/v1/workers/w1/tags/k", "SetTag"),
+            ("POST", "/v1/recover", "RecoverWorkers"),
+            ("GET", "/v1/engines", "ListEngines"),
+            ("POST", "/v1/topics/t", "Publish"),
+            ("GET", "/v1/topics/t/events", "Subscribe"),
+        ];
+        let doc = crate::openapi::document();
+        let documented: usize = doc["paths"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .filter(|(p, _)| p.starts_with("/v1/"))
+            .map(|(_, ops)| ops.as_object().unwrap().len())
+            .sum();
+        assert_eq!(
+            documented,
+            twins.len(),
+            "a /v1 route without a twin in this test"
+        );
+        let cfg = key_cfg();
+        for (method, path, rpc) in twins {
+            let m = Method::from_bytes(method.as_bytes()).unwrap();
+            let grpc = format!("/virtufin.WorkManager/{rpc}");
+            assert_eq!(
+                rule(&m, path, OPEN),
+                rule(&Method::POST, &grpc, OPEN),
+                "{method} {path}"
+            );
+            // And each role gets the same answer on both.
+            for key in ["key-v", "key-o", "key-a"] {
+                assert_eq!(
+                    authenticate(&cfg, &m, path, &with_key(key), None),
+                    authenticate(&cfg, &Method::POST, &grpc, &with_key(key), None),
+                    "{method} {path} with {key}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn refusal_records_are_rate_limited_and_the_rest_counted() {
+        let log = RefusalLog::new(3);
+        for _ in 0..10 {
+            log.record("/x", None, &Refusal::Unauthenticated, "c");
+        }
+        assert_eq!(log.suppressed.load(Ordering::Relaxed), 7);
+    }
+
+    #[test]
     fn health_and_metrics_are_open_unless_configured_and_bad_keys_are_refused_even_there() {
         let mut cfg = key_cfg();
         let get = Method::GET;

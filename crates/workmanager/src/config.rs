@@ -968,6 +968,59 @@ mod tests {
     }
 
     #[test]
+    fn secret_references_resolve_from_env_and_files_and_never_print_the_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("jwt-secret");
+        std::fs::write(&file, "from-a-mounted-file-0123456789abcdef\n").unwrap();
+        let mut l = Layers::default();
+        l.add_env(env(&[
+            ("Auth__Jwt__Algorithm", "HS256"),
+            (
+                "Auth__Jwt__Secret",
+                &format!("secret:file:{}", file.display()),
+            ),
+            ("HttpPort", "secret:env:WM_CONFIG_TEST_UNSET_VARIABLE"),
+        ]));
+        let errors = settings(&l).unwrap_err().join("\n");
+        assert!(
+            errors.contains("HttpPort")
+                && errors.contains("WM_CONFIG_TEST_UNSET_VARIABLE is not set"),
+            "{errors}"
+        );
+        // A resolved secret that is malformed is reported without its value.
+        let secret_port = dir.path().join("port");
+        std::fs::write(&secret_port, "not-a-port-sekrit").unwrap();
+        let mut l = Layers::default();
+        l.add_env(env(&[
+            ("Auth__Jwt__Algorithm", "HS256"),
+            (
+                "Auth__Jwt__Secret",
+                &format!("secret:file:{}", file.display()),
+            ),
+            (
+                "HttpPort",
+                &format!("secret:file:{}", secret_port.display()),
+            ),
+        ]));
+        let errors = settings(&l).unwrap_err().join("\n");
+        assert!(errors.contains("HttpPort = (a secret)"), "{errors}");
+        assert!(!errors.contains("sekrit"), "{errors}");
+        let mut l = Layers::default();
+        l.add_env(env(&[
+            ("Auth__Jwt__Algorithm", "HS256"),
+            (
+                "Auth__Jwt__Secret",
+                &format!("secret:file:{}", file.display()),
+            ),
+        ]));
+        let s = settings(&l).unwrap();
+        assert_eq!(
+            s.auth.jwt.unwrap().secret.as_deref(),
+            Some("from-a-mounted-file-0123456789abcdef")
+        );
+    }
+
+    #[test]
     fn malformed_json_file_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("appsettings.json");
