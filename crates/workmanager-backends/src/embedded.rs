@@ -182,7 +182,10 @@ impl StateStore for EmbeddedStore {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
+    use crate::store_suite as suite;
 
     fn store() -> (tempfile::TempDir, EmbeddedStore) {
         let dir = tempfile::tempdir().unwrap();
@@ -192,66 +195,23 @@ mod tests {
 
     #[tokio::test]
     async fn put_get_versions_and_cas() {
-        let (_d, s) = store();
-        assert_eq!(s.get("a").await.unwrap(), None);
-        let v1 = s
-            .put("a", b"one".to_vec(), Precondition::Absent)
-            .await
-            .unwrap();
-        assert_eq!(v1, 1);
-        assert!(matches!(
-            s.put("a", b"x".to_vec(), Precondition::Absent).await,
-            Err(StoreError::Conflict(_))
-        ));
-        let v2 = s
-            .put("a", b"two".to_vec(), Precondition::Version(v1))
-            .await
-            .unwrap();
-        assert_eq!(v2, 2);
-        assert!(matches!(
-            s.put("a", b"stale".to_vec(), Precondition::Version(v1))
-                .await,
-            Err(StoreError::Conflict(_))
-        ));
-        let got = s.get("a").await.unwrap().unwrap();
-        assert_eq!((got.value.as_slice(), got.version), (&b"two"[..], 2));
+        suite::put_get_versions_and_cas(&store().1).await;
     }
 
     #[tokio::test]
     async fn commit_is_all_or_nothing() {
-        let (_d, s) = store();
-        s.put("b", b"1".to_vec(), Precondition::None).await.unwrap();
-        let r = s
-            .commit(vec![
-                WriteOp::Put {
-                    key: "c".into(),
-                    value: b"new".to_vec(),
-                    pre: Precondition::Absent,
-                },
-                WriteOp::Put {
-                    key: "b".into(),
-                    value: b"2".to_vec(),
-                    pre: Precondition::Absent,
-                },
-            ])
-            .await;
-        assert!(matches!(r, Err(StoreError::Conflict(k)) if k == "b"));
-        assert_eq!(
-            s.get("c").await.unwrap(),
-            None,
-            "first op of a failed commit leaked"
-        );
+        suite::commit_is_all_or_nothing(&store().1).await;
     }
 
     #[tokio::test]
     async fn list_by_prefix_and_delete() {
+        suite::list_by_prefix_and_delete(&store().1).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn concurrent_cas_has_one_winner() {
         let (_d, s) = store();
-        for k in ["w/1", "w/2", "x/1", "w"] {
-            s.put(k, vec![1], Precondition::None).await.unwrap();
-        }
-        assert_eq!(s.list("w/").await.unwrap(), vec!["w/1", "w/2"]);
-        s.delete("w/1", Precondition::None).await.unwrap();
-        assert_eq!(s.list("w/").await.unwrap(), vec!["w/2"]);
+        suite::concurrent_cas_has_one_winner(Arc::new(s)).await;
     }
 
     #[tokio::test]

@@ -3,6 +3,12 @@
 
 pub mod embedded;
 pub mod embedded_bus;
+pub mod redis_store;
+#[cfg(test)]
+mod store_suite;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use embedded::EmbeddedStore;
 pub use embedded_bus::EmbeddedBus;
+pub use redis_store::RedisStore;

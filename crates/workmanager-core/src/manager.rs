@@ -1001,6 +1001,13 @@ impl Manager {
         write_map(&self.inner.workers).clear();
         let engines: Vec<_> = slots.iter().filter_map(|s| s.set_engine(None)).collect();
         futures::future::join_all(engines.iter().map(|e| e.shutdown())).await;
+        // A clean stop gives the workers up at once: with the heartbeat
+        // gone, the next instance (or a peer) takes them without waiting
+        // for it to go stale. (Stop the heartbeat task first.)
+        let key = crate::store::keys::instance(self.instance_id());
+        if let Err(e) = self.inner.store.delete(&key, Precondition::None).await {
+            tracing::warn!(error = %e, "could not remove this instance's heartbeat; it goes stale by itself");
+        }
     }
 
     // ---- audit and lifecycle ---------------------------------------------------------

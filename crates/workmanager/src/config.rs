@@ -66,6 +66,12 @@ const ENV_ALIASES: &[(&str, &str)] = &[
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    Embedded,
+    Redis,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Json,
     Text,
@@ -121,6 +127,13 @@ pub struct Settings {
     pub circuit_breaker_threshold: u32,
     pub circuit_breaker_duration: Duration,
     pub state_store_path: PathBuf,
+    /// `StateStore:Type`: embedded (default) or redis.
+    pub state_store: StoreKind,
+    /// `Redis:Url` (`redis://[user:password@]host:port[/db]`, `rediss://` for
+    /// TLS; the password usually as `secret:env:NAME` around the whole URL).
+    pub redis_url: String,
+    /// `Redis:TimeoutMs`: connect and per-call timeout.
+    pub redis_timeout: Duration,
     pub instance_id: String,
     /// `Shutdown:DrainTimeoutSeconds`: how long requests in flight may run on
     /// after SIGTERM (and a stopping worker may finish its queued messages).
@@ -735,7 +748,37 @@ pub fn settings(layers: &Layers) -> Result<Settings, Vec<String>> {
         Duration::from_secs(r.int("Resilience:CircuitBreakerDurationSeconds", 30, 1, 3600));
     // Only the embedded backends exist in this build; say so instead of
     // pretending to connect somewhere.
-    r.choice("StateStore:Type", (), &[("embedded", ())]);
+    let state_store = r.choice(
+        "StateStore:Type",
+        StoreKind::Embedded,
+        &[
+            ("embedded", StoreKind::Embedded),
+            ("redis", StoreKind::Redis),
+        ],
+    );
+    let mut redis_url = r.string("Redis:Url", "redis://127.0.0.1:6379");
+    // User and password may come separately (each possibly a secret reference).
+    let user = layers.get("Redis:User").map(|e| e.value.trim().to_string());
+    let password = layers
+        .get("Redis:Password")
+        .map(|e| e.value.trim().to_string());
+    if user.is_some() || password.is_some() {
+        match url::Url::parse(&redis_url) {
+            Ok(mut u) => {
+                if let Some(user) = &user {
+                    let _ = u.set_username(user);
+                }
+                if let Some(p) = &password {
+                    let _ = u.set_password(Some(p));
+                }
+                redis_url = u.to_string();
+            }
+            Err(e) => r.errors.push(format!(
+                "invalid configuration: Redis:Url is not a URL: {e}"
+            )),
+        }
+    }
+    let redis_timeout = Duration::from_millis(r.int("Redis:TimeoutMs", 2000, 50, 60_000));
     r.choice("PubSub:Type", (), &[("embedded", ())]);
     let state_store_path = PathBuf::from(r.string("StateStore:Path", "./data/state.redb"));
     let drain_timeout = Duration::from_secs(r.int("Shutdown:DrainTimeoutSeconds", 30, 0, 3600));
@@ -787,6 +830,9 @@ pub fn settings(layers: &Layers) -> Result<Settings, Vec<String>> {
             circuit_breaker_threshold,
             circuit_breaker_duration,
             state_store_path,
+            state_store,
+            redis_url,
+            redis_timeout,
             instance_id,
             drain_timeout,
             queue_capacity,

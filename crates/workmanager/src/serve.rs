@@ -10,12 +10,12 @@ use workmanager_api::auth::AuthConfig;
 use workmanager_api::jwt::JwtVerifier;
 use workmanager_api::server::{serve, ServeOptions};
 use workmanager_api::tls::TlsState;
-use workmanager_backends::{EmbeddedBus, EmbeddedStore};
-use workmanager_core::{EngineRegistry, Manager, ManagerSettings, Metrics};
+use workmanager_backends::{EmbeddedBus, EmbeddedStore, RedisStore};
+use workmanager_core::{EngineRegistry, Manager, ManagerSettings, Metrics, StateStore};
 use workmanager_engine_python::{resolve_interpreter, PythonConfig, PythonEngine, SandboxMode};
 use workmanager_fetch::{FetchPolicy, HttpFetcher, SystemResolver};
 
-use crate::config::Settings;
+use crate::config::{Settings, StoreKind};
 
 /// Authentication from the `Auth:*` settings.
 fn build_auth(settings: &Settings) -> Result<AuthConfig> {
@@ -100,15 +100,27 @@ pub async fn run(settings: Settings, port_file: Option<PathBuf>) -> Result<()> {
     let metrics = Arc::new(Metrics::new());
     let engines = build_engines(&settings, &metrics).await?;
 
-    let store = EmbeddedStore::open(&settings.state_store_path).map_err(|e| {
-        anyhow!("{e}; set StateStore:Path to a writable file (another workmanager may be using it)")
-    })?;
-    tracing::info!(path = %settings.state_store_path.display(), "embedded state store opened");
+    let store: Arc<dyn StateStore> = match settings.state_store {
+        StoreKind::Embedded => {
+            let s = EmbeddedStore::open(&settings.state_store_path).map_err(|e| {
+                anyhow!("{e}; set StateStore:Path to a writable file (another workmanager may be using it)")
+            })?;
+            tracing::info!(path = %settings.state_store_path.display(), "embedded state store opened");
+            Arc::new(s)
+        }
+        StoreKind::Redis => {
+            let s = RedisStore::connect(&settings.redis_url, settings.redis_timeout)
+                .await
+                .map_err(|e| anyhow!("{e} (StateStore:Type=redis, Redis:Url)"))?;
+            tracing::info!("Redis state store connected");
+            Arc::new(s)
+        }
+    };
 
     let fetcher = build_fetcher(&settings)?;
     let bus = EmbeddedBus::new(settings.queue_capacity, settings.publish_timeout);
     let manager = Manager::new(
-        Arc::new(store),
+        store,
         Arc::new(bus),
         engines,
         Arc::new(fetcher),
@@ -158,7 +170,7 @@ pub async fn run(settings: Settings, port_file: Option<PathBuf>) -> Result<()> {
         );
     }
 
-    manager.spawn_heartbeat();
+    let heartbeat = manager.spawn_heartbeat();
     let recovering = manager.clone();
     tokio::spawn(async move { recovering.recover_on_start().await });
 
@@ -176,6 +188,7 @@ pub async fn run(settings: Settings, port_file: Option<PathBuf>) -> Result<()> {
         .await
         .map_err(|e| anyhow!(e))?;
     tracing::info!("stopped taking requests; disposing workers");
+    heartbeat.abort();
     manager.shutdown().await;
     tracing::info!("shutdown complete");
     Ok(())

@@ -7,6 +7,7 @@ mod cli;
 mod grpc;
 mod logging;
 mod messaging;
+mod redis_backend;
 mod rest;
 mod restart;
 mod sandbox;

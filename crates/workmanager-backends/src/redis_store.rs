@@ -1,0 +1,322 @@
+//! The Redis/Valkey state store (`StateStore:Type=redis`): the same keys as
+//! the embedded store, shared by every instance pointing at the server.
+//!
+//! Each key is a hash with its version (`v`) and value (`d`). A commit is
+//! one Lua script, which Redis runs atomically: it checks every
+//! precondition first and writes only if all hold, so a commit applies
+//! whole or not at all and concurrent writers are serialised by version
+//! (compare-and-swap). A sorted set of all keys (`INDEX`) answers prefix
+//! listings without `SCAN`. The connection reconnects by itself; every call
+//! has a timeout. Durability is the server's: run it with `appendonly yes`
+//! (`appendfsync everysec` or `always`) for writes to survive its crash.
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::ConnectionManager;
+use redis::{AsyncCommands, Script};
+use workmanager_core::store::Version;
+use workmanager_core::{Precondition, StateStore, StoreError, Versioned, WriteOp};
+
+/// Sorted set (all scores 0, ordered by name) of every stored key.
+const INDEX: &str = "workmanager-index:keys";
+
+/// KEYS: the ops' keys, then INDEX. ARGV: per op `kind`, `pre`, `expected`,
+/// `value` (kind: P put, D delete; pre: N none, A absent, V version).
+/// Returns {"conflict", key} or the new versions (-1 for deletes).
+const COMMIT: &str = r#"
+local n = #KEYS - 1
+local index = KEYS[#KEYS]
+for i = 1, n do
+  local pre = ARGV[(i - 1) * 4 + 2]
+  local cur = redis.call('HGET', KEYS[i], 'v')
+  if pre == 'A' and cur then return {'conflict', KEYS[i]} end
+  if pre == 'V' and cur ~= ARGV[(i - 1) * 4 + 3] then return {'conflict', KEYS[i]} end
+end
+local out = {}
+for i = 1, n do
+  local kind = ARGV[(i - 1) * 4 + 1]
+  if kind == 'P' then
+    local v = redis.call('HINCRBY', KEYS[i], 'v', 1)
+    redis.call('HSET', KEYS[i], 'd', ARGV[(i - 1) * 4 + 4])
+    redis.call('ZADD', index, 0, KEYS[i])
+    out[i] = v
+  else
+    redis.call('DEL', KEYS[i])
+    redis.call('ZREM', index, KEYS[i])
+    out[i] = -1
+  end
+end
+return out
+"#;
+
+pub struct RedisStore {
+    conn: ConnectionManager,
+    commit: Script,
+    timeout: Duration,
+}
+
+impl RedisStore {
+    /// Connects to `url` (`redis://[user:password@]host:port[/db]`, or
+    /// `rediss://` for TLS) and checks the server answers.
+    pub async fn connect(url: &str, timeout: Duration) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url).map_err(|e| {
+            StoreError::Unavailable(format!("Redis:Url is not a usable Redis URL: {e}"))
+        })?;
+        // One plain connection first: the manager below retries forever on
+        // refused credentials, this says so at once.
+        tokio::time::timeout(timeout, client.get_multiplexed_async_connection())
+            .await
+            .map_err(|_| {
+                StoreError::Unavailable(format!("Redis at {} did not answer", redact(url)))
+            })?
+            .map_err(|e| StoreError::Unavailable(describe(url, &e)))?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(timeout)
+            .set_response_timeout(timeout)
+            .set_number_of_retries(2);
+        let conn = tokio::time::timeout(
+            timeout * 2,
+            client.get_connection_manager_with_config(config),
+        )
+        .await
+        .map_err(|_| StoreError::Unavailable(format!("Redis at {} did not answer", redact(url))))?
+        .map_err(|e| StoreError::Unavailable(describe(url, &e)))?;
+        let s = Self {
+            conn,
+            commit: Script::new(COMMIT),
+            timeout,
+        };
+        s.ping().await?;
+        Ok(s)
+    }
+
+    async fn timed<T>(
+        &self,
+        what: &str,
+        f: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.timeout, f).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(StoreError::Unavailable(format!("Redis {what} failed: {e}"))),
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "Redis {what} took longer than {} ms",
+                self.timeout.as_millis()
+            ))),
+        }
+    }
+}
+
+/// The URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// A connection error, with the setting to fix when it is about
+/// credentials.
+fn describe(url: &str, e: &redis::RedisError) -> String {
+    let text = e.to_string();
+    let auth = matches!(e.kind(), redis::ErrorKind::AuthenticationFailed)
+        || text.contains("WRONGPASS")
+        || text.contains("NOAUTH")
+        || text.contains("invalid password");
+    if auth {
+        format!(
+            "Redis at {} refused the credentials: set the user and password in Redis:Url \
+             (redis://user:password@host:port; use secret:env:NAME for the password)",
+            redact(url)
+        )
+    } else {
+        format!("cannot connect to Redis at {}: {text}", redact(url))
+    }
+}
+
+#[async_trait]
+impl StateStore for RedisStore {
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let mut c = self.conn.clone();
+        let _: String = self
+            .timed("PING", async move {
+                redis::cmd("PING").query_async(&mut c).await
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
+        let mut c = self.conn.clone();
+        let (v, d): (Option<u64>, Option<Vec<u8>>) = self
+            .timed("HMGET", async move { c.hget(key, &["v", "d"]).await })
+            .await?;
+        match (v, d) {
+            (Some(version), Some(value)) => Ok(Some(Versioned { value, version })),
+            (None, None) => Ok(None),
+            _ => Err(StoreError::Corrupt(format!(
+                "{key} is missing its version or value"
+            ))),
+        }
+    }
+
+    async fn commit(&self, ops: Vec<WriteOp>) -> Result<Vec<Option<Version>>, StoreError> {
+        if ops.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut inv = self.commit.prepare_invoke();
+        for op in &ops {
+            let (kind, key, pre, value): (&str, &str, Precondition, &[u8]) = match op {
+                WriteOp::Put { key, value, pre } => ("P", key, *pre, value),
+                WriteOp::Delete { key, pre } => ("D", key, *pre, &[]),
+            };
+            let (p, expected) = match pre {
+                Precondition::None => ("N", String::new()),
+                Precondition::Absent => ("A", String::new()),
+                Precondition::Version(v) => ("V", v.to_string()),
+            };
+            inv.key(key).arg(kind).arg(p).arg(expected).arg(value);
+        }
+        inv.key(INDEX);
+        let mut c = self.conn.clone();
+        let reply: redis::Value = self
+            .timed("commit", async move { inv.invoke_async(&mut c).await })
+            .await?;
+        let items = match reply {
+            redis::Value::Array(items) => items,
+            other => {
+                return Err(StoreError::Corrupt(format!(
+                    "unexpected commit reply {other:?}"
+                )))
+            }
+        };
+        if let Some(redis::Value::BulkString(tag)) = items.first() {
+            if tag == b"conflict" {
+                let key = match items.get(1) {
+                    Some(redis::Value::BulkString(k)) => String::from_utf8_lossy(k).into_owned(),
+                    _ => String::new(),
+                };
+                return Err(StoreError::Conflict(key));
+            }
+        }
+        items
+            .into_iter()
+            .map(|v| match v {
+                redis::Value::Int(-1) => Ok(None),
+                redis::Value::Int(n) if n > 0 => Ok(Some(n as u64)),
+                other => Err(StoreError::Corrupt(format!("unexpected version {other:?}"))),
+            })
+            .collect()
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let mut c = self.conn.clone();
+        let min = format!("[{prefix}");
+        // 0xFF never appears in UTF-8: every key with the prefix sorts below.
+        let mut max = format!("[{prefix}").into_bytes();
+        max.push(0xff);
+        let keys: Vec<String> = self
+            .timed("ZRANGEBYLEX", async move {
+                redis::cmd("ZRANGEBYLEX")
+                    .arg(INDEX)
+                    .arg(min)
+                    .arg(max)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(keys)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::store_suite as suite;
+    use crate::testing::RedisServer;
+
+    const T: Duration = Duration::from_secs(2);
+
+    async fn store() -> (RedisServer, RedisStore) {
+        let server = RedisServer::start();
+        let s = RedisStore::connect(&server.url(), T).await.unwrap();
+        (server, s)
+    }
+
+    #[tokio::test]
+    async fn put_get_versions_and_cas() {
+        let (_r, s) = store().await;
+        suite::put_get_versions_and_cas(&s).await;
+    }
+
+    #[tokio::test]
+    async fn commit_is_all_or_nothing() {
+        let (_r, s) = store().await;
+        suite::commit_is_all_or_nothing(&s).await;
+    }
+
+    #[tokio::test]
+    async fn list_by_prefix_and_delete() {
+        let (_r, s) = store().await;
+        suite::list_by_prefix_and_delete(&s).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn concurrent_cas_has_one_winner() {
+        let (_r, s) = store().await;
+        suite::concurrent_cas_has_one_winner(Arc::new(s)).await;
+    }
+
+    #[tokio::test]
+    async fn data_survives_a_server_restart_and_the_connection_comes_back() {
+        let (mut r, s) = store().await;
+        s.put("k", b"v".to_vec(), Precondition::None).await.unwrap();
+        r.restart();
+        // The first call after the restart may fail while reconnecting.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let got = loop {
+            match s.get("k").await {
+                Ok(v) => break v,
+                Err(e) => {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "never reconnected: {e}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        assert_eq!(got.unwrap().value, b"v");
+    }
+
+    #[tokio::test]
+    async fn a_wrong_password_is_a_clear_error_naming_the_setting() {
+        let r = RedisServer::start_with(Some("right-password"));
+        let bad = format!("redis://:wrong-password@127.0.0.1:{}", r.port);
+        let e = match RedisStore::connect(&bad, T).await {
+            Ok(_) => panic!("a wrong password was accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            e.contains("Redis:Url") && e.contains("refused the credentials"),
+            "{e}"
+        );
+        assert!(
+            !e.contains("wrong-password"),
+            "the password is not echoed: {e}"
+        );
+        assert!(RedisStore::connect(&r.url(), T).await.is_ok());
+    }
+}

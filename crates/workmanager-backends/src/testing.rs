@@ -1,0 +1,104 @@
+//! Real backend servers for tests (feature `testing`): a `redis-server`
+//! started on a free loopback port, killed (by its own PID) when dropped.
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct RedisServer {
+    pub port: u16,
+    child: Child,
+    dir: tempfile::TempDir,
+    password: Option<String>,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+impl RedisServer {
+    /// Starts `redis-server` (append-only file on, like a durable setup).
+    pub fn start() -> RedisServer {
+        Self::start_with(None)
+    }
+
+    /// As `start`, requiring `password`.
+    pub fn start_with(password: Option<&str>) -> RedisServer {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = free_port();
+        let mut server = RedisServer {
+            port,
+            child: spawn(port, &dir.path().to_path_buf(), password),
+            dir,
+            password: password.map(str::to_string),
+        };
+        server.wait_up();
+        server
+    }
+
+    pub fn url(&self) -> String {
+        match &self.password {
+            Some(p) => format!("redis://:{p}@127.0.0.1:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
+    }
+
+    /// Stops the server (SIGKILL) and starts it again on the same port and
+    /// data directory.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = spawn(
+            self.port,
+            &self.dir.path().to_path_buf(),
+            self.password.as_deref(),
+        );
+        self.wait_up();
+    }
+
+    fn wait_up(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("redis-server exited: {status}; is redis-server installed? (scripts/test installs it)");
+            }
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn spawn(port: u16, dir: &PathBuf, password: Option<&str>) -> Child {
+    let mut cmd = Command::new("redis-server");
+    cmd.args([
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+    ])
+    .args(["--appendonly", "yes", "--appendfsync", "always"])
+    .arg("--dir")
+    .arg(dir)
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    if let Some(p) = password {
+        cmd.args(["--requirepass", p]);
+    }
+    cmd.spawn()
+        .expect("start redis-server (is it installed? scripts/test installs it)")
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
