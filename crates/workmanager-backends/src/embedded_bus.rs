@@ -289,6 +289,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn contract_each_group_gets_each_message_once_in_order() {
+        let bus = EmbeddedBus::new(1024, Duration::from_millis(50));
+        crate::bus_suite::each_group_gets_each_message_once_in_order(&bus).await;
+    }
+
+    #[tokio::test]
+    async fn contract_watchers_see_published_events() {
+        let bus = EmbeddedBus::new(8, Duration::from_millis(50));
+        crate::bus_suite::watchers_see_published_events(&bus).await;
+    }
+
+    #[tokio::test]
+    async fn contract_unsubscribe_ends_the_subscription() {
+        let bus = EmbeddedBus::new(8, Duration::from_millis(50));
+        crate::bus_suite::unsubscribe_ends_the_subscription(&bus).await;
+    }
+
+    #[tokio::test]
     async fn unsubscribe_drains_then_ends_and_watchers_see_everything() {
         let bus = EmbeddedBus::new(8, Duration::from_millis(50));
         let mut w = bus.watch("t");

@@ -1,8 +1,11 @@
 //! Backends for the core's `StateStore` and `Bus` traits. One module per
 //! backend; the binary picks them from `StateStore:Type` and `PubSub:Type`.
 
+#[cfg(test)]
+mod bus_suite;
 pub mod embedded;
 pub mod embedded_bus;
+pub mod redis_bus;
 pub mod redis_store;
 #[cfg(test)]
 mod store_suite;
@@ -11,4 +14,5 @@ pub mod testing;
 
 pub use embedded::EmbeddedStore;
 pub use embedded_bus::EmbeddedBus;
+pub use redis_bus::{RedisBus, RedisBusSettings};
 pub use redis_store::RedisStore;

@@ -66,6 +66,12 @@ const ENV_ALIASES: &[(&str, &str)] = &[
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BusKind {
+    Embedded,
+    Redis,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StoreKind {
     Embedded,
     Redis,
@@ -129,6 +135,16 @@ pub struct Settings {
     pub state_store_path: PathBuf,
     /// `StateStore:Type`: embedded (default) or redis.
     pub state_store: StoreKind,
+    /// `PubSub:Type`: embedded (default) or redis (Redis Streams).
+    pub pubsub: BusKind,
+    /// `Redis:StreamMaxLen`: approximate length a topic stream is trimmed to.
+    pub redis_stream_max_len: usize,
+    /// `Redis:VisibilityTimeoutSeconds`: unacknowledged messages idle this
+    /// long are taken over by a live consumer of the group.
+    pub redis_visibility_timeout: Duration,
+    /// `Redis:DedupWindowSeconds`: how long an event id is remembered per
+    /// worker to drop duplicates.
+    pub redis_dedup_window: Duration,
     /// `Redis:Url` (`redis://[user:password@]host:port[/db]`, `rediss://` for
     /// TLS; the password usually as `secret:env:NAME` around the whole URL).
     pub redis_url: String,
@@ -779,7 +795,16 @@ pub fn settings(layers: &Layers) -> Result<Settings, Vec<String>> {
         }
     }
     let redis_timeout = Duration::from_millis(r.int("Redis:TimeoutMs", 2000, 50, 60_000));
-    r.choice("PubSub:Type", (), &[("embedded", ())]);
+    let pubsub = r.choice(
+        "PubSub:Type",
+        BusKind::Embedded,
+        &[("embedded", BusKind::Embedded), ("redis", BusKind::Redis)],
+    );
+    let redis_stream_max_len = r.int("Redis:StreamMaxLen", 1_000_000, 1000, 1_000_000_000) as usize;
+    let redis_visibility_timeout =
+        Duration::from_secs(r.int("Redis:VisibilityTimeoutSeconds", 60, 1, 86_400));
+    let redis_dedup_window =
+        Duration::from_secs(r.int("Redis:DedupWindowSeconds", 600, 1, 604_800));
     let state_store_path = PathBuf::from(r.string("StateStore:Path", "./data/state.redb"));
     let drain_timeout = Duration::from_secs(r.int("Shutdown:DrainTimeoutSeconds", 30, 0, 3600));
     let queue_capacity = r.int("Messaging:QueueCapacity", 1024, 1, 1_000_000) as usize;
@@ -831,6 +856,10 @@ pub fn settings(layers: &Layers) -> Result<Settings, Vec<String>> {
             circuit_breaker_duration,
             state_store_path,
             state_store,
+            pubsub,
+            redis_stream_max_len,
+            redis_visibility_timeout,
+            redis_dedup_window,
             redis_url,
             redis_timeout,
             instance_id,

@@ -10,12 +10,13 @@ use workmanager_api::auth::AuthConfig;
 use workmanager_api::jwt::JwtVerifier;
 use workmanager_api::server::{serve, ServeOptions};
 use workmanager_api::tls::TlsState;
-use workmanager_backends::{EmbeddedBus, EmbeddedStore, RedisStore};
+use workmanager_backends::{EmbeddedBus, EmbeddedStore, RedisBus, RedisBusSettings, RedisStore};
+use workmanager_core::bus::Bus;
 use workmanager_core::{EngineRegistry, Manager, ManagerSettings, Metrics, StateStore};
 use workmanager_engine_python::{resolve_interpreter, PythonConfig, PythonEngine, SandboxMode};
 use workmanager_fetch::{FetchPolicy, HttpFetcher, SystemResolver};
 
-use crate::config::{Settings, StoreKind};
+use crate::config::{BusKind, Settings, StoreKind};
 
 /// Authentication from the `Auth:*` settings.
 fn build_auth(settings: &Settings) -> Result<AuthConfig> {
@@ -118,10 +119,31 @@ pub async fn run(settings: Settings, port_file: Option<PathBuf>) -> Result<()> {
     };
 
     let fetcher = build_fetcher(&settings)?;
-    let bus = EmbeddedBus::new(settings.queue_capacity, settings.publish_timeout);
+    let bus: Arc<dyn Bus> = match settings.pubsub {
+        BusKind::Embedded => Arc::new(EmbeddedBus::new(
+            settings.queue_capacity,
+            settings.publish_timeout,
+        )),
+        BusKind::Redis => {
+            let b = RedisBus::connect(
+                &settings.redis_url,
+                RedisBusSettings {
+                    stream_max_len: settings.redis_stream_max_len,
+                    visibility_timeout: settings.redis_visibility_timeout,
+                    dedup_window: settings.redis_dedup_window,
+                    capacity: settings.queue_capacity,
+                    consumer: settings.instance_id.clone(),
+                },
+            )
+            .await
+            .map_err(|e| anyhow!("{e} (PubSub:Type=redis, Redis:Url)"))?;
+            tracing::info!("Redis Streams bus connected");
+            Arc::new(b)
+        }
+    };
     let manager = Manager::new(
         store,
-        Arc::new(bus),
+        bus,
         engines,
         Arc::new(fetcher),
         ManagerSettings {

@@ -85,3 +85,104 @@ fn a_wrong_redis_password_stops_start_up_naming_the_setting() {
         "the password is not echoed: {text}"
     );
 }
+
+const ECHO: &str = "def Process(event):\n    return {'type': 'out', 'data': event['data']}\n";
+
+fn redis_settings(redis: &RedisServer) -> Vec<String> {
+    vec![
+        "StateStore:Type=redis".into(),
+        "PubSub:Type=redis".into(),
+        format!("Redis:Url={}", redis.url()),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn events_flow_through_redis_streams_and_wait_for_a_stopped_service() {
+    use tokio_stream::StreamExt;
+    let redis = RedisServer::start();
+    let settings = redis_settings(&redis);
+    let settings: Vec<&str> = settings.iter().map(String::as_str).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let id = {
+        let mut svc = Service::start(dir.path(), &settings);
+        svc.wait_ready().await;
+        let mut c = svc.grpc().await;
+        let id = create(&mut c, ECHO, true).await;
+        let mut out = c
+            .subscribe(pb::SubscribeRequest {
+                topic: "out".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let http = reqwest::Client::new();
+        let batch: Vec<serde_json::Value> = (0..200)
+            .map(|i| json!({"specversion": "1.0", "id": format!("ev-{i}"), "source": "urn:t", "type": "in", "data": i}))
+            .collect();
+        let r = http
+            .post(svc.url("/v1/topics/in"))
+            .header("content-type", "application/cloudevents-batch+json")
+            .json(&batch)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+        let mut seen = std::collections::BTreeSet::new();
+        while seen.len() < 200 {
+            let m = tokio::time::timeout(std::time::Duration::from_secs(20), out.next())
+                .await
+                .expect("outputs keep coming")
+                .unwrap()
+                .unwrap();
+            let e = workmanager_api::convert::event_from_proto(m.event.unwrap()).unwrap();
+            seen.insert(e.0["data"].as_i64().unwrap());
+        }
+        assert_eq!(seen, (0..200).collect());
+        assert!(svc.terminate().success());
+        id
+    };
+    // Published while no instance runs: the events wait in the stream.
+    let bus = workmanager_backends::RedisBus::connect(
+        &redis.url(),
+        workmanager_backends::RedisBusSettings {
+            stream_max_len: 100_000,
+            visibility_timeout: std::time::Duration::from_secs(60),
+            dedup_window: std::time::Duration::from_secs(60),
+            capacity: 16,
+            consumer: "test-publisher".into(),
+        },
+    )
+    .await
+    .unwrap();
+    use workmanager_core::bus::Bus;
+    let later: Vec<workmanager_core::CloudEvent> = (1000..1050)
+        .map(|i| {
+            workmanager_core::CloudEvent::from_input(
+                json!({"specversion": "1.0", "id": format!("late-{i}"), "source": "urn:t", "type": "in", "data": i}),
+            )
+        })
+        .collect();
+    bus.publish_many("in", later).await.unwrap();
+    let svc = Service::start(dir.path(), &settings);
+    svc.wait_ready().await;
+    let mut c = svc.grpc().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let w = c
+            .get_worker(pb::GetWorkerRequest { id: id.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        if w.messages_processed >= 50 {
+            assert_eq!(w.messages_processed, 50, "each waiting event once");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "processed {}",
+            w.messages_processed
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

@@ -1,0 +1,78 @@
+//! The bus contract as tests, run against every bus (embedded and Redis
+//! Streams).
+use std::time::Duration;
+
+use serde_json::json;
+use workmanager_core::bus::{Ack, Bus};
+use workmanager_core::CloudEvent;
+
+pub(crate) fn ev(n: u64) -> CloudEvent {
+    CloudEvent::from_input(
+        json!({"specversion": "1.0", "id": format!("e{n}-{}", uuid()), "source": "s", "type": "t", "data": n}),
+    )
+}
+
+fn uuid() -> String {
+    format!(
+        "{:x}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    )
+}
+
+async fn next(rx: &mut tokio::sync::mpsc::Receiver<workmanager_core::bus::Delivery>) -> u64 {
+    let d = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("a delivery within 10 s")
+        .expect("the subscription is open");
+    let n = d.event.0["data"].as_u64().unwrap();
+    d.ack(Ack::Done);
+    n
+}
+
+pub(crate) async fn each_group_gets_each_message_once_in_order(bus: &dyn Bus) {
+    let mut a = bus.subscribe(&["orders".into()], "g-a").await.unwrap();
+    let mut b = bus.subscribe(&["orders".into()], "g-b").await.unwrap();
+    bus.publish_many("orders", (0..50).map(ev).collect())
+        .await
+        .unwrap();
+    for n in 50..100 {
+        bus.publish("orders", ev(n)).await.unwrap();
+    }
+    for rx in [&mut a.receiver, &mut b.receiver] {
+        for n in 0..100 {
+            assert_eq!(next(rx).await, n);
+        }
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), rx.recv())
+                .await
+                .is_err(),
+            "nothing more"
+        );
+    }
+}
+
+pub(crate) async fn watchers_see_published_events(bus: &dyn Bus) {
+    let mut w = bus.watch("feed");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    bus.publish("feed", ev(7)).await.unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(10), w.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(e.0["data"], json!(7));
+}
+
+pub(crate) async fn unsubscribe_ends_the_subscription(bus: &dyn Bus) {
+    let mut s = bus.subscribe(&["t".into()], "g").await.unwrap();
+    bus.publish("t", ev(1)).await.unwrap();
+    assert_eq!(next(&mut s.receiver).await, 1);
+    bus.unsubscribe(&["t".into()], "g").await;
+    let end = tokio::time::timeout(Duration::from_secs(10), s.receiver.recv()).await;
+    assert!(
+        matches!(end, Ok(None)),
+        "the subscription ends after unsubscribe"
+    );
+}

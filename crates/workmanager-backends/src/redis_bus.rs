@@ -1,0 +1,531 @@
+//! The Redis Streams bus (`PubSub:Type=redis`): one stream per topic, one
+//! consumer group per worker, so each worker gets each message once
+//! whichever instance hosts it, and a message published while its worker is
+//! down waits in the stream (at-least-once, durable as the server is).
+//!
+//! - Publish: `XADD` with approximate trimming (`Redis:StreamMaxLen`); a
+//!   batch goes in one `MULTI`, so it lands whole or not at all.
+//! - Consume: a task per group reads with `XREADGROUP` on its own
+//!   connection (a blocking read would stall a shared one), hands each
+//!   message over, and `XACK`s it once the dispatcher settled it (processed
+//!   or dead-lettered). Messages left pending — their consumer died — are
+//!   taken over with `XAUTOCLAIM` after `Redis:VisibilityTimeoutSeconds`.
+//! - Duplicates: an event id already seen by the group within
+//!   `Redis:DedupWindowSeconds` is acknowledged and skipped (`SET NX EX`),
+//!   so a redelivery after a crash does not run an idempotent worker twice.
+//! - Observers (`watch`): one `XREAD` task per watched topic, from "now".
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::{ConnectionManager, MultiplexedConnection};
+use redis::streams::{
+    StreamAutoClaimOptions, StreamAutoClaimReply, StreamReadOptions, StreamReadReply,
+};
+use redis::AsyncCommands;
+use tokio::sync::{broadcast, mpsc, watch};
+use workmanager_core::bus::{Ack, Acker, Bus, BusError, Delivery, Subscription};
+use workmanager_core::CloudEvent;
+
+const WATCH_CAPACITY: usize = 4096;
+/// Messages read per `XREADGROUP`.
+const READ_COUNT: usize = 64;
+/// How long one blocking read waits (also how fast a stop is noticed).
+const BLOCK: Duration = Duration::from_millis(500);
+
+#[derive(Debug, Clone)]
+pub struct RedisBusSettings {
+    /// Approximate `MAXLEN` of each topic stream.
+    pub stream_max_len: usize,
+    /// Pending messages idle this long are taken over by a live consumer.
+    pub visibility_timeout: Duration,
+    /// Event ids remembered per group for duplicate suppression.
+    pub dedup_window: Duration,
+    /// Local queue per group (the dispatcher's backlog).
+    pub capacity: usize,
+    /// This instance's consumer name inside each group.
+    pub consumer: String,
+}
+
+pub struct RedisBus {
+    client: redis::Client,
+    conn: ConnectionManager,
+    settings: RedisBusSettings,
+    groups: Mutex<HashMap<String, GroupHandle>>,
+    watches: Mutex<HashMap<String, broadcast::Sender<Arc<CloudEvent>>>>,
+}
+
+struct GroupHandle {
+    stop: watch::Sender<bool>,
+    queue: mpsc::Sender<Delivery>,
+}
+
+pub fn stream_key(topic: &str) -> String {
+    format!("workmanager:topic:{topic}")
+}
+
+fn unavailable(e: impl std::fmt::Display) -> BusError {
+    BusError::Unavailable(format!("Redis: {e}"))
+}
+
+impl RedisBus {
+    pub async fn connect(url: &str, settings: RedisBusSettings) -> Result<Self, BusError> {
+        let client = redis::Client::open(url).map_err(|e| {
+            BusError::Unavailable(format!("Redis:Url is not a usable Redis URL: {e}"))
+        })?;
+        let conn = ConnectionManager::new(client.clone()).await.map_err(|e| {
+            BusError::Unavailable(format!("cannot connect to Redis for pub/sub: {e}"))
+        })?;
+        Ok(Self {
+            client,
+            conn,
+            settings,
+            groups: Mutex::new(HashMap::new()),
+            watches: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn encode(event: &CloudEvent) -> Result<Vec<u8>, BusError> {
+        serde_json::to_vec(&event.0)
+            .map_err(|e| BusError::Unavailable(format!("event not serialisable: {e}")))
+    }
+}
+
+fn decode(raw: &redis::Value) -> Option<CloudEvent> {
+    let bytes: Vec<u8> = redis::from_redis_value(raw).ok()?;
+    let value: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    Some(CloudEvent::from_input(value))
+}
+
+/// Acknowledges one message once the dispatcher settled it.
+struct StreamAck {
+    conn: ConnectionManager,
+    stream: String,
+    group: String,
+    id: String,
+}
+
+impl Acker for StreamAck {
+    fn ack(&self, outcome: Ack) {
+        if outcome == Ack::Retry {
+            // Left pending: taken over after the visibility timeout.
+            return;
+        }
+        let (mut conn, stream, group, id) = (
+            self.conn.clone(),
+            self.stream.clone(),
+            self.group.clone(),
+            self.id.clone(),
+        );
+        tokio::spawn(async move {
+            let r: redis::RedisResult<i64> = conn.xack(&stream, &group, &[&id]).await;
+            if let Err(e) = r {
+                tracing::warn!(error = %e, stream, group, "XACK failed; the message will be redelivered");
+            }
+        });
+    }
+}
+
+struct Reader {
+    conn: MultiplexedConnection,
+    acks: ConnectionManager,
+    group: String,
+    topics: Vec<(String, Arc<str>)>,
+    settings: RedisBusSettings,
+    queue: mpsc::Sender<Delivery>,
+    stop: watch::Receiver<bool>,
+}
+
+impl Reader {
+    async fn run(mut self) {
+        let mut last_claim = tokio::time::Instant::now();
+        loop {
+            if *self.stop.borrow() {
+                return;
+            }
+            if last_claim.elapsed() >= self.settings.visibility_timeout / 2 {
+                last_claim = tokio::time::Instant::now();
+                self.reclaim().await;
+            }
+            let keys: Vec<&str> = self.topics.iter().map(|(s, _)| s.as_str()).collect();
+            let ids: Vec<&str> = keys.iter().map(|_| ">").collect();
+            let opts = StreamReadOptions::default()
+                .group(&self.group, &self.settings.consumer)
+                .count(READ_COUNT)
+                .block(BLOCK.as_millis() as usize);
+            let reply: redis::RedisResult<Option<StreamReadReply>> =
+                self.conn.xread_options(&keys, &ids, &opts).await;
+            match reply {
+                Ok(Some(r)) => {
+                    for key in r.keys {
+                        for entry in key.ids {
+                            if !self.deliver(&key.key, &entry.id, entry.map.get("e")).await {
+                                return;
+                            }
+                        }
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    if e.to_string().contains("NOGROUP") {
+                        self.ensure_groups().await;
+                    } else {
+                        tracing::warn!(error = %e, group = %self.group, "XREADGROUP failed; retrying");
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+
+    async fn ensure_groups(&mut self) {
+        for (stream, _) in &self.topics {
+            create_group(&mut self.acks, stream, &self.group).await;
+        }
+    }
+
+    /// Takes over this group's messages that another (dead) consumer left
+    /// pending longer than the visibility timeout.
+    async fn reclaim(&mut self) {
+        let idle = self.settings.visibility_timeout.as_millis() as usize;
+        for i in 0..self.topics.len() {
+            let stream = self.topics[i].0.clone();
+            let opts = StreamAutoClaimOptions::default().count(READ_COUNT);
+            let r: redis::RedisResult<StreamAutoClaimReply> = self
+                .conn
+                .xautoclaim_options(
+                    &stream,
+                    &self.group,
+                    &self.settings.consumer,
+                    idle,
+                    "0-0",
+                    opts,
+                )
+                .await;
+            if let Ok(reply) = r {
+                for entry in reply.claimed {
+                    if !self.deliver(&stream, &entry.id, entry.map.get("e")).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// False when the consumer is gone (stop reading).
+    async fn deliver(&mut self, stream: &str, id: &str, raw: Option<&redis::Value>) -> bool {
+        let topic = match self.topics.iter().find(|(s, _)| s == stream) {
+            Some((_, t)) => t.clone(),
+            None => return true,
+        };
+        let ack = StreamAck {
+            conn: self.acks.clone(),
+            stream: stream.to_string(),
+            group: self.group.clone(),
+            id: id.to_string(),
+        };
+        let Some(event) = raw.and_then(decode) else {
+            tracing::warn!(
+                stream,
+                id,
+                "unreadable stream entry acknowledged and skipped"
+            );
+            ack.ack(Ack::Done);
+            return true;
+        };
+        if let Some(eid) = event.get_str("id") {
+            let key = format!("workmanager:seen:{}:{eid}", self.group);
+            let window = self.settings.dedup_window.as_secs().max(1);
+            let fresh: redis::RedisResult<Option<String>> = redis::cmd("SET")
+                .arg(&key)
+                .arg(id)
+                .arg("NX")
+                .arg("EX")
+                .arg(window)
+                .query_async(&mut self.acks)
+                .await;
+            match fresh {
+                // Seen before under another stream id: a duplicate publish.
+                Ok(None) => {
+                    let first: Option<String> = self.acks.get(&key).await.ok().flatten();
+                    if first.as_deref() != Some(id) {
+                        ack.ack(Ack::Done);
+                        return true;
+                    }
+                }
+                Ok(Some(_)) => {}
+                Err(e) => tracing::debug!(error = %e, "duplicate check failed; delivering"),
+            }
+        }
+        self.queue
+            .send(Delivery {
+                topic,
+                event,
+                acker: Some(Box::new(ack)),
+            })
+            .await
+            .is_ok()
+    }
+}
+
+async fn create_group(conn: &mut ConnectionManager, stream: &str, group: &str) {
+    // "$": a new worker starts with new messages; an existing group resumes
+    // where it stopped (messages published meanwhile included).
+    let r: redis::RedisResult<()> = conn.xgroup_create_mkstream(stream, group, "$").await;
+    if let Err(e) = r {
+        if !e.to_string().contains("BUSYGROUP") {
+            tracing::warn!(error = %e, stream, group, "XGROUP CREATE failed");
+        }
+    }
+}
+
+#[async_trait]
+impl Bus for RedisBus {
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn publish(&self, topic: &str, event: CloudEvent) -> Result<(), BusError> {
+        self.publish_many(topic, vec![event]).await
+    }
+
+    async fn publish_many(&self, topic: &str, events: Vec<CloudEvent>) -> Result<(), BusError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let key = stream_key(topic);
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for e in &events {
+            pipe.cmd("XADD")
+                .arg(&key)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(self.settings.stream_max_len)
+                .arg("*")
+                .arg("e")
+                .arg(Self::encode(e)?)
+                .ignore();
+        }
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn).await.map_err(unavailable)
+    }
+
+    async fn subscribe(&self, topics: &[String], group: &str) -> Result<Subscription, BusError> {
+        let mut acks = self.conn.clone();
+        let streams: Vec<(String, Arc<str>)> = topics
+            .iter()
+            .map(|t| (stream_key(t), Arc::from(t.as_str())))
+            .collect();
+        for (s, _) in &streams {
+            create_group(&mut acks, s, group).await;
+        }
+        let conn = self
+            .client
+            .get_multiplexed_async_connection()
+            .await
+            .map_err(unavailable)?;
+        let (tx, rx) = mpsc::channel(self.settings.capacity.max(1));
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let reader = Reader {
+            conn,
+            acks,
+            group: group.to_string(),
+            topics: streams,
+            settings: self.settings.clone(),
+            queue: tx.clone(),
+            stop: stop_rx,
+        };
+        tokio::spawn(reader.run());
+        let old = self
+            .groups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                group.to_string(),
+                GroupHandle {
+                    stop: stop_tx,
+                    queue: tx,
+                },
+            );
+        if let Some(old) = old {
+            let _ = old.stop.send(true);
+        }
+        Ok(Subscription { receiver: rx })
+    }
+
+    async fn unsubscribe(&self, _topics: &[String], group: &str) {
+        // The reader stops; what it already handed over is drained by the
+        // dispatcher; anything unacknowledged stays pending in the stream
+        // for the next consumer of the group.
+        let handle = self
+            .groups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(group);
+        if let Some(h) = handle {
+            let _ = h.stop.send(true);
+        }
+    }
+
+    fn watch(&self, topic: &str) -> broadcast::Receiver<Arc<CloudEvent>> {
+        let mut watches = self.watches.lock().unwrap_or_else(|p| p.into_inner());
+        // A feed whose observers all left has stopped its reader: start anew.
+        if let Some(tx) = watches.get(topic).filter(|tx| tx.receiver_count() > 0) {
+            return tx.subscribe();
+        }
+        let (tx, rx) = broadcast::channel(WATCH_CAPACITY);
+        watches.insert(topic.to_string(), tx.clone());
+        let client = self.client.clone();
+        let stream = stream_key(topic);
+        tokio::spawn(async move {
+            let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+                return;
+            };
+            let mut last = "$".to_string();
+            while tx.receiver_count() > 0 {
+                let opts = StreamReadOptions::default()
+                    .count(256)
+                    .block(BLOCK.as_millis() as usize);
+                let r: redis::RedisResult<Option<StreamReadReply>> =
+                    conn.xread_options(&[&stream], &[&last], &opts).await;
+                match r {
+                    Ok(Some(reply)) => {
+                        for key in reply.keys {
+                            for entry in key.ids {
+                                last = entry.id.clone();
+                                if let Some(e) = entry.map.get("e").and_then(decode) {
+                                    let _ = tx.send(Arc::new(e));
+                                }
+                            }
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            }
+        });
+        rx
+    }
+
+    fn queue_depth(&self, group: &str) -> usize {
+        self.groups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(group)
+            .map(|h| h.queue.max_capacity() - h.queue.capacity())
+            .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus_suite as suite;
+    use crate::testing::RedisServer;
+
+    fn settings(consumer: &str) -> RedisBusSettings {
+        RedisBusSettings {
+            stream_max_len: 100_000,
+            visibility_timeout: Duration::from_secs(1),
+            dedup_window: Duration::from_secs(60),
+            capacity: 1024,
+            consumer: consumer.into(),
+        }
+    }
+
+    async fn bus(r: &RedisServer, consumer: &str) -> RedisBus {
+        RedisBus::connect(&r.url(), settings(consumer))
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn each_group_gets_each_message_once_in_order() {
+        let r = RedisServer::start();
+        suite::each_group_gets_each_message_once_in_order(&bus(&r, "i1").await).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn watchers_see_published_events() {
+        let r = RedisServer::start();
+        suite::watchers_see_published_events(&bus(&r, "i1").await).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn unsubscribe_ends_the_subscription() {
+        let r = RedisServer::start();
+        suite::unsubscribe_ends_the_subscription(&bus(&r, "i1").await).await;
+    }
+
+    async fn recv(rx: &mut mpsc::Receiver<Delivery>) -> Delivery {
+        tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("a delivery within 10 s")
+            .expect("open")
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn messages_wait_in_the_stream_while_their_worker_is_away() {
+        let r = RedisServer::start();
+        let b = bus(&r, "i1").await;
+        let s = b.subscribe(&["t".into()], "w1").await.unwrap();
+        b.unsubscribe(&["t".into()], "w1").await;
+        drop(s);
+        for n in 0..5 {
+            b.publish("t", suite::ev(n)).await.unwrap();
+        }
+        // Another instance hosts the worker now: it gets all five (one the
+        // stopping reader had already taken comes back after the visibility
+        // timeout, so the order across a handover is not guaranteed).
+        let other = bus(&r, "i2").await;
+        let mut s = other.subscribe(&["t".into()], "w1").await.unwrap();
+        let mut got = Vec::new();
+        for _ in 0..5 {
+            let d = recv(&mut s.receiver).await;
+            got.push(d.event.0["data"].as_u64().unwrap());
+            d.ack(Ack::Done);
+        }
+        got.sort();
+        assert_eq!(got, vec![0, 1, 2, 3, 4]);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_message_its_consumer_never_acknowledged_is_taken_over() {
+        let r = RedisServer::start();
+        let dying = bus(&r, "i1").await;
+        let mut s = dying.subscribe(&["t".into()], "w1").await.unwrap();
+        dying.publish("t", suite::ev(42)).await.unwrap();
+        let d = recv(&mut s.receiver).await;
+        // The instance dies mid-processing: no ack.
+        std::mem::forget(d);
+        dying.unsubscribe(&["t".into()], "w1").await;
+        let heir = bus(&r, "i2").await;
+        let mut s2 = heir.subscribe(&["t".into()], "w1").await.unwrap();
+        let d = recv(&mut s2.receiver).await;
+        assert_eq!(d.event.0["data"], serde_json::json!(42));
+        d.ack(Ack::Done);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_same_event_id_published_twice_is_delivered_once() {
+        let r = RedisServer::start();
+        let b = bus(&r, "i1").await;
+        let mut s = b.subscribe(&["t".into()], "w1").await.unwrap();
+        let e = suite::ev(1);
+        b.publish("t", e.clone()).await.unwrap();
+        b.publish("t", e).await.unwrap();
+        b.publish("t", suite::ev(2)).await.unwrap();
+        let first = recv(&mut s.receiver).await;
+        assert_eq!(first.event.0["data"], serde_json::json!(1));
+        first.ack(Ack::Done);
+        let second = recv(&mut s.receiver).await;
+        assert_eq!(
+            second.event.0["data"],
+            serde_json::json!(2),
+            "the duplicate was skipped"
+        );
+        second.ack(Ack::Done);
+    }
+}
