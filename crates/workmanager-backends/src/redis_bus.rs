@@ -29,8 +29,9 @@ use workmanager_core::bus::{Ack, Acker, Bus, BusError, Delivery, Subscription};
 use workmanager_core::CloudEvent;
 
 const WATCH_CAPACITY: usize = 4096;
-/// Messages read per `XREADGROUP`.
-const READ_COUNT: usize = 64;
+/// Messages read per `XREADGROUP` (the dispatcher then pipelines them to
+/// the worker 64 at a time).
+const READ_COUNT: usize = 256;
 /// How long one blocking read waits (also how fast a stop is noticed).
 const BLOCK: Duration = Duration::from_millis(500);
 
@@ -40,7 +41,8 @@ pub struct RedisBusSettings {
     pub stream_max_len: usize,
     /// Pending messages idle this long are taken over by a live consumer.
     pub visibility_timeout: Duration,
-    /// Event ids remembered per group for duplicate suppression.
+    /// Event ids remembered per group for duplicate suppression (zero: off).
+    /// Each remembered id is a small key in Redis for this long.
     pub dedup_window: Duration,
     /// Local queue per group (the dispatcher's backlog).
     pub capacity: usize,
@@ -98,11 +100,11 @@ fn decode(raw: &redis::Value) -> Option<CloudEvent> {
     Some(CloudEvent::from_input(value))
 }
 
-/// Acknowledges one message once the dispatcher settled it.
+/// Acknowledges one message once the dispatcher settled it: the id goes to
+/// the group's ack task, which sends many in one `XACK`.
 struct StreamAck {
-    conn: ConnectionManager,
-    stream: String,
-    group: String,
+    acks: mpsc::UnboundedSender<(Arc<str>, String)>,
+    stream: Arc<str>,
     id: String,
 }
 
@@ -112,26 +114,58 @@ impl Acker for StreamAck {
             // Left pending: taken over after the visibility timeout.
             return;
         }
-        let (mut conn, stream, group, id) = (
-            self.conn.clone(),
-            self.stream.clone(),
-            self.group.clone(),
-            self.id.clone(),
-        );
-        tokio::spawn(async move {
-            let r: redis::RedisResult<i64> = conn.xack(&stream, &group, &[&id]).await;
-            if let Err(e) = r {
-                tracing::warn!(error = %e, stream, group, "XACK failed; the message will be redelivered");
-            }
-        });
+        let _ = self.acks.send((self.stream.clone(), self.id.clone()));
     }
+}
+
+/// Sends acknowledgements in batches until every sender is gone.
+async fn ack_task(
+    mut conn: ConnectionManager,
+    group: String,
+    mut rx: mpsc::UnboundedReceiver<(Arc<str>, String)>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut by_stream: HashMap<Arc<str>, Vec<String>> = HashMap::new();
+        by_stream.entry(first.0).or_default().push(first.1);
+        let mut n = 1;
+        while n < 1024 {
+            match rx.try_recv() {
+                Ok((s, id)) => {
+                    by_stream.entry(s).or_default().push(id);
+                    n += 1;
+                }
+                Err(_) => break,
+            }
+        }
+        let mut pipe = redis::pipe();
+        for (stream, ids) in &by_stream {
+            pipe.cmd("XACK")
+                .arg(&**stream)
+                .arg(&group)
+                .arg(ids)
+                .ignore();
+        }
+        if let Err(e) = pipe.query_async::<()>(&mut conn).await {
+            tracing::warn!(error = %e, group, "XACK failed; those messages will be redelivered");
+        }
+    }
+}
+
+/// One entry read from a stream.
+struct Entry {
+    stream: Arc<str>,
+    topic: Arc<str>,
+    id: String,
+    event: Option<CloudEvent>,
 }
 
 struct Reader {
     conn: MultiplexedConnection,
-    acks: ConnectionManager,
+    control: ConnectionManager,
+    acks: mpsc::UnboundedSender<(Arc<str>, String)>,
     group: String,
-    topics: Vec<(String, Arc<str>)>,
+    /// (stream key, topic)
+    topics: Vec<(Arc<str>, Arc<str>)>,
     settings: RedisBusSettings,
     queue: mpsc::Sender<Delivery>,
     stop: watch::Receiver<bool>,
@@ -146,9 +180,11 @@ impl Reader {
             }
             if last_claim.elapsed() >= self.settings.visibility_timeout / 2 {
                 last_claim = tokio::time::Instant::now();
-                self.reclaim().await;
+                if !self.reclaim().await {
+                    return;
+                }
             }
-            let keys: Vec<&str> = self.topics.iter().map(|(s, _)| s.as_str()).collect();
+            let keys: Vec<&str> = self.topics.iter().map(|(s, _)| &**s).collect();
             let ids: Vec<&str> = keys.iter().map(|_| ">").collect();
             let opts = StreamReadOptions::default()
                 .group(&self.group, &self.settings.consumer)
@@ -158,18 +194,30 @@ impl Reader {
                 self.conn.xread_options(&keys, &ids, &opts).await;
             match reply {
                 Ok(Some(r)) => {
+                    let mut entries = Vec::new();
                     for key in r.keys {
-                        for entry in key.ids {
-                            if !self.deliver(&key.key, &entry.id, entry.map.get("e")).await {
-                                return;
-                            }
+                        let Some((stream, topic)) = self.topic_of(&key.key) else {
+                            continue;
+                        };
+                        for e in key.ids {
+                            entries.push(Entry {
+                                stream: stream.clone(),
+                                topic: topic.clone(),
+                                event: e.map.get("e").and_then(decode),
+                                id: e.id,
+                            });
                         }
+                    }
+                    if !self.deliver(entries).await {
+                        return;
                     }
                 }
                 Ok(None) => {}
                 Err(e) => {
                     if e.to_string().contains("NOGROUP") {
-                        self.ensure_groups().await;
+                        for (stream, _) in &self.topics {
+                            create_group(&mut self.control, stream, &self.group).await;
+                        }
                     } else {
                         tracing::warn!(error = %e, group = %self.group, "XREADGROUP failed; retrying");
                     }
@@ -179,23 +227,24 @@ impl Reader {
         }
     }
 
-    async fn ensure_groups(&mut self) {
-        for (stream, _) in &self.topics {
-            create_group(&mut self.acks, stream, &self.group).await;
-        }
+    fn topic_of(&self, stream: &str) -> Option<(Arc<str>, Arc<str>)> {
+        self.topics
+            .iter()
+            .find(|(s, _)| &**s == stream)
+            .map(|(s, t)| (s.clone(), t.clone()))
     }
 
     /// Takes over this group's messages that another (dead) consumer left
-    /// pending longer than the visibility timeout.
-    async fn reclaim(&mut self) {
+    /// pending longer than the visibility timeout. False: consumer gone.
+    async fn reclaim(&mut self) -> bool {
         let idle = self.settings.visibility_timeout.as_millis() as usize;
         for i in 0..self.topics.len() {
-            let stream = self.topics[i].0.clone();
+            let (stream, topic) = self.topics[i].clone();
             let opts = StreamAutoClaimOptions::default().count(READ_COUNT);
             let r: redis::RedisResult<StreamAutoClaimReply> = self
                 .conn
                 .xautoclaim_options(
-                    &stream,
+                    &*stream,
                     &self.group,
                     &self.settings.consumer,
                     idle,
@@ -204,68 +253,94 @@ impl Reader {
                 )
                 .await;
             if let Ok(reply) = r {
-                for entry in reply.claimed {
-                    if !self.deliver(&stream, &entry.id, entry.map.get("e")).await {
-                        return;
-                    }
+                let entries = reply
+                    .claimed
+                    .into_iter()
+                    .map(|e| Entry {
+                        stream: stream.clone(),
+                        topic: topic.clone(),
+                        event: e.map.get("e").and_then(decode),
+                        id: e.id,
+                    })
+                    .collect();
+                if !self.deliver(entries).await {
+                    return false;
                 }
+            }
+        }
+        true
+    }
+
+    /// Drops duplicates (one pipelined round trip for the whole read) and
+    /// hands the rest over. False when the consumer is gone.
+    async fn deliver(&mut self, entries: Vec<Entry>) -> bool {
+        let window = self.settings.dedup_window.as_secs();
+        let firsts = if window == 0 {
+            vec![None; entries.len()]
+        } else {
+            self.first_carriers(&entries, window).await
+        };
+        self.hand_over(entries, firsts).await
+    }
+
+    /// For each entry, the stream id that first carried its event id within
+    /// the window (`None`: this one is the first). One pipelined round trip.
+    async fn first_carriers(&mut self, entries: &[Entry], window: u64) -> Vec<Option<String>> {
+        let mut pipe = redis::pipe();
+        for e in entries {
+            let eid = e
+                .event
+                .as_ref()
+                .and_then(|ev| ev.get_str("id"))
+                .unwrap_or("");
+            // SET NX GET: nil when first seen; else the stream id that first
+            // carried it (the same id = a redelivery, not a duplicate).
+            pipe.cmd("SET")
+                .arg(format!("workmanager:seen:{}:{eid}", self.group))
+                .arg(&e.id)
+                .arg("NX")
+                .arg("GET")
+                .arg("EX")
+                .arg(window);
+        }
+        match pipe.query_async(&mut self.control).await {
+            Ok(v) => v,
+            Err(err) => {
+                tracing::debug!(error = %err, "duplicate check failed; delivering all");
+                vec![None; entries.len()]
             }
         }
     }
 
-    /// False when the consumer is gone (stop reading).
-    async fn deliver(&mut self, stream: &str, id: &str, raw: Option<&redis::Value>) -> bool {
-        let topic = match self.topics.iter().find(|(s, _)| s == stream) {
-            Some((_, t)) => t.clone(),
-            None => return true,
-        };
-        let ack = StreamAck {
-            conn: self.acks.clone(),
-            stream: stream.to_string(),
-            group: self.group.clone(),
-            id: id.to_string(),
-        };
-        let Some(event) = raw.and_then(decode) else {
-            tracing::warn!(
-                stream,
-                id,
-                "unreadable stream entry acknowledged and skipped"
-            );
-            ack.ack(Ack::Done);
-            return true;
-        };
-        if let Some(eid) = event.get_str("id") {
-            let key = format!("workmanager:seen:{}:{eid}", self.group);
-            let window = self.settings.dedup_window.as_secs().max(1);
-            let fresh: redis::RedisResult<Option<String>> = redis::cmd("SET")
-                .arg(&key)
-                .arg(id)
-                .arg("NX")
-                .arg("EX")
-                .arg(window)
-                .query_async(&mut self.acks)
+    async fn hand_over(&mut self, entries: Vec<Entry>, firsts: Vec<Option<String>>) -> bool {
+        for (e, first) in entries.into_iter().zip(firsts) {
+            let ack = StreamAck {
+                acks: self.acks.clone(),
+                stream: e.stream.clone(),
+                id: e.id.clone(),
+            };
+            let Some(event) = e.event else {
+                tracing::warn!(stream = %e.stream, id = %e.id, "unreadable stream entry acknowledged and skipped");
+                ack.ack(Ack::Done);
+                continue;
+            };
+            if first.as_deref().is_some_and(|f| f != e.id) {
+                ack.ack(Ack::Done);
+                continue;
+            }
+            let sent = self
+                .queue
+                .send(Delivery {
+                    topic: e.topic,
+                    event,
+                    acker: Some(Box::new(ack)),
+                })
                 .await;
-            match fresh {
-                // Seen before under another stream id: a duplicate publish.
-                Ok(None) => {
-                    let first: Option<String> = self.acks.get(&key).await.ok().flatten();
-                    if first.as_deref() != Some(id) {
-                        ack.ack(Ack::Done);
-                        return true;
-                    }
-                }
-                Ok(Some(_)) => {}
-                Err(e) => tracing::debug!(error = %e, "duplicate check failed; delivering"),
+            if sent.is_err() {
+                return false;
             }
         }
-        self.queue
-            .send(Delivery {
-                topic,
-                event,
-                acker: Some(Box::new(ack)),
-            })
-            .await
-            .is_ok()
+        true
     }
 }
 
@@ -296,7 +371,9 @@ impl Bus for RedisBus {
         }
         let key = stream_key(topic);
         let mut pipe = redis::pipe();
-        pipe.atomic();
+        if events.len() > 1 {
+            pipe.atomic();
+        }
         for e in &events {
             pipe.cmd("XADD")
                 .arg(&key)
@@ -313,14 +390,16 @@ impl Bus for RedisBus {
     }
 
     async fn subscribe(&self, topics: &[String], group: &str) -> Result<Subscription, BusError> {
-        let mut acks = self.conn.clone();
-        let streams: Vec<(String, Arc<str>)> = topics
+        let mut control = self.conn.clone();
+        let streams: Vec<(Arc<str>, Arc<str>)> = topics
             .iter()
-            .map(|t| (stream_key(t), Arc::from(t.as_str())))
+            .map(|t| (Arc::from(stream_key(t)), Arc::from(t.as_str())))
             .collect();
         for (s, _) in &streams {
-            create_group(&mut acks, s, group).await;
+            create_group(&mut control, s, group).await;
         }
+        let (ack_tx, ack_rx) = mpsc::unbounded_channel();
+        tokio::spawn(ack_task(self.conn.clone(), group.to_string(), ack_rx));
         let conn = self
             .client
             .get_multiplexed_async_connection()
@@ -330,7 +409,8 @@ impl Bus for RedisBus {
         let (stop_tx, stop_rx) = watch::channel(false);
         let reader = Reader {
             conn,
-            acks,
+            control,
+            acks: ack_tx,
             group: group.to_string(),
             topics: streams,
             settings: self.settings.clone(),

@@ -133,17 +133,91 @@ impl Manager {
     /// A run of queued messages, pipelined to the worker in order. Messages
     /// after a failure did not run: they are returned to go next, after the
     /// failed one was retried or dead-lettered, so order holds.
+    ///
+    /// Outputs of messages that succeeded at once are published together
+    /// (one `publish_many` per run of the same destination, in order), then
+    /// their inputs are acknowledged: on a networked bus that is one round
+    /// trip for the batch instead of one per message. A failed message
+    /// first flushes the outputs before it, so order holds.
     async fn handle_batch(&self, slot: &Arc<Slot>, deliveries: Vec<Delivery>) -> Vec<Delivery> {
         let events: Vec<&CloudEvent> = deliveries.iter().map(|d| &d.event).collect();
         let results = self.invoke_batch(slot, &events).await;
         drop(events);
         let mut rest = deliveries.into_iter();
+        let mut outbox: Vec<(Option<(String, CloudEvent)>, Delivery)> = Vec::new();
         for result in results {
-            if let Some(delivery) = rest.next() {
-                self.settle(slot, delivery, result).await;
+            let Some(delivery) = rest.next() else { break };
+            match result {
+                Ok(output) => {
+                    let out = self.settled_ok(slot, &delivery, output, true);
+                    outbox.push((out, delivery));
+                }
+                Err(e) => {
+                    self.flush(slot, std::mem::take(&mut outbox)).await;
+                    self.settle(slot, delivery, Err(e)).await;
+                }
             }
         }
+        self.flush(slot, outbox).await;
         rest.collect()
+    }
+
+    /// Publishes the outputs of settled messages, then acknowledges them.
+    async fn flush(&self, slot: &Slot, outbox: Vec<(Option<(String, CloudEvent)>, Delivery)>) {
+        let mut run: Vec<CloudEvent> = Vec::new();
+        let mut run_topic: Option<String> = None;
+        let mut acks = Vec::with_capacity(outbox.len());
+        for (out, delivery) in outbox {
+            acks.push(delivery);
+            let Some((dest, event)) = out else { continue };
+            if run_topic.as_deref() != Some(dest.as_str()) {
+                if let Some(t) = run_topic.take() {
+                    self.publish_many_or_warn(&t, std::mem::take(&mut run), slot.id.as_str())
+                        .await;
+                }
+                run_topic = Some(dest);
+            }
+            run.push(event);
+        }
+        if let Some(t) = run_topic {
+            self.publish_many_or_warn(&t, run, slot.id.as_str()).await;
+        }
+        for d in acks {
+            d.ack(Ack::Done);
+        }
+    }
+
+    async fn publish_many_or_warn(&self, topic: &str, events: Vec<CloudEvent>, worker: &str) {
+        let n = events.len();
+        if let Err(e) = self.inner.bus.publish_many(topic, events).await {
+            let e = self.bus_error(topic, e);
+            tracing::warn!(worker_id = %worker, topic, outputs = n, error = %e, "could not publish a worker's outputs");
+        }
+    }
+
+    /// Counts a message that succeeded and routes its output: where to
+    /// publish it, if anywhere. `first_try`: count it as received too.
+    fn settled_ok(
+        &self,
+        slot: &Slot,
+        delivery: &Delivery,
+        output: Option<CloudEvent>,
+        first_try: bool,
+    ) -> Option<(String, CloudEvent)> {
+        if let Some(c) = slot.topic_counters.get(&*delivery.topic) {
+            if first_try {
+                c.received.inc();
+            }
+            c.processed.inc();
+        }
+        let mut out = output?;
+        match route(&delivery.event, &mut out) {
+            Some(dest) => Some((dest, out)),
+            None => {
+                tracing::warn!(worker_id = %slot.id, "output has no destination topic; dropped");
+                None
+            }
+        }
     }
 
     /// One message, start to finish.
@@ -174,15 +248,9 @@ impl Manager {
         loop {
             match outcome {
                 Ok(output) => {
-                    if let Some(mut out) = output {
-                        match route(&delivery.event, &mut out) {
-                            Some(dest) => self.publish_or_warn(&dest, out, slot.id.as_str()).await,
-                            None => {
-                                tracing::warn!(worker_id = %slot.id, "output has no destination topic; dropped")
-                            }
-                        }
+                    if let Some((dest, out)) = self.settled_ok(slot, &delivery, output, false) {
+                        self.publish_or_warn(&dest, out, slot.id.as_str()).await;
                     }
-                    count(|c| &c.processed);
                     break;
                 }
                 // A worker without runnable code (FAILED, deleted) fails fast.

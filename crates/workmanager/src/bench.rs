@@ -41,6 +41,10 @@ pub struct BenchArgs {
     /// Messages of the RSS soak (0: skip).
     #[arg(long, default_value_t = 0)]
     soak_messages: usize,
+    /// A running Redis to compare the Redis Streams bus with the embedded
+    /// one (e.g. redis://127.0.0.1:6390); its data is written to.
+    #[arg(long)]
+    redis_url: Option<String>,
 }
 
 const ECHO: &str = "import sys, json\nw = sys.stdout.buffer\nfor line in sys.stdin.buffer:\n    \
@@ -150,6 +154,14 @@ pub(crate) struct Bench {
 
 impl Bench {
     async fn start(python: &Path, sandbox: &str) -> Result<Bench> {
+        Self::start_with(python, sandbox, &[]).await
+    }
+
+    pub(crate) async fn start_with(
+        python: &Path,
+        sandbox: &str,
+        extra: &[String],
+    ) -> Result<Bench> {
         let dir = tempfile::tempdir()?;
         let port_file = dir.path().join("ports.json");
         let child = tokio::process::Command::new(std::env::current_exe()?)
@@ -169,6 +181,7 @@ impl Bench {
             .args(["--set", "Recovery:OnStart=false"])
             .args(["--set", &format!("Python:Executable={}", python.display())])
             .args(["--set", &format!("Python:Sandbox={sandbox}")])
+            .args(extra.iter().flat_map(|s| ["--set", s.as_str()]))
             .stdout(Stdio::null())
             .kill_on_drop(true)
             .spawn()
@@ -213,6 +226,13 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             &mut standard,
         )
         .await;
+    }
+    if let (Ok(()), Some(url)) = (&result, &args.redis_url) {
+        let extra = ["PubSub:Type=redis".to_string(), format!("Redis:Url={url}")];
+        let mut redis = Bench::start_with(&python, "standard", &extra).await?;
+        result =
+            crate::bench_throughput::compare_buses(args.messages, &mut standard, &mut redis).await;
+        redis.stop().await;
     }
     standard.stop().await;
     off.stop().await;

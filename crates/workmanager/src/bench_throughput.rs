@@ -292,3 +292,36 @@ pub(crate) async fn run(
     }
     Ok(())
 }
+
+/// Messages/s and service CPU through one worker on the embedded bus and on
+/// Redis Streams, in alternating rounds (issue 7's target: Redis ≥ 50%).
+pub(crate) async fn compare_buses(
+    messages: usize,
+    embedded: &mut Bench,
+    redis: &mut Bench,
+) -> Result<()> {
+    println!("\n### Bus backends\n");
+    println!("{messages} messages of ~1 KB per run through one no-op-echo Python worker, no subscriber; rounds alternate.\n");
+    println!("| round | embedded bus | Redis Streams | Redis / embedded | service CPU / message, embedded / Redis |");
+    println!("|---|---|---|---|---|");
+    let mut ratios = Vec::new();
+    for round in 1..=ROUNDS {
+        let e = through_service(embedded, messages, ECHO_WORKER, "cmp.in", 1, false).await?;
+        let r = through_service(redis, messages, ECHO_WORKER, "cmp.in", 1, false).await?;
+        ratios.push(r.rate / e.rate);
+        println!(
+            "| {round} | {:.0}/s | {:.0}/s | {:.0}% | {:.1} / {:.1} µs |",
+            e.rate,
+            r.rate,
+            r.rate / e.rate * 100.0,
+            e.cpu_us_per_message,
+            r.cpu_us_per_message
+        );
+    }
+    ratios.sort_by(f64::total_cmp);
+    println!(
+        "\nMedian Redis / embedded: {:.0}%.",
+        ratios[ratios.len() / 2] * 100.0
+    );
+    Ok(())
+}
