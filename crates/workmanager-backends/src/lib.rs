@@ -5,6 +5,7 @@
 mod bus_suite;
 pub mod embedded;
 pub mod embedded_bus;
+pub mod nats_bus;
 pub mod redis_bus;
 pub mod redis_store;
 #[cfg(test)]
@@ -14,5 +15,6 @@ pub mod testing;
 
 pub use embedded::EmbeddedStore;
 pub use embedded_bus::EmbeddedBus;
+pub use nats_bus::{NatsAuth, NatsBus, NatsBusSettings};
 pub use redis_bus::{RedisBus, RedisBusSettings};
 pub use redis_store::RedisStore;

@@ -58,9 +58,11 @@ pub struct RedisBus {
     watches: Mutex<HashMap<String, broadcast::Sender<Arc<CloudEvent>>>>,
 }
 
-struct GroupHandle {
-    stop: watch::Sender<bool>,
-    queue: mpsc::Sender<Delivery>,
+/// A consumer group's reader: how to stop it, and its local queue (whose
+/// fill is the group's queue depth). Shared by the networked buses.
+pub(crate) struct GroupHandle {
+    pub(crate) stop: watch::Sender<bool>,
+    pub(crate) queue: mpsc::Sender<Delivery>,
 }
 
 pub fn stream_key(topic: &str) -> String {

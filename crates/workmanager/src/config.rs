@@ -69,6 +69,7 @@ const ENV_ALIASES: &[(&str, &str)] = &[
 pub enum BusKind {
     Embedded,
     Redis,
+    Nats,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,6 +138,18 @@ pub struct Settings {
     pub state_store: StoreKind,
     /// `PubSub:Type`: embedded (default) or redis (Redis Streams).
     pub pubsub: BusKind,
+    /// `Nats:Url` and credentials (`Nats:Token`, or `Nats:User` +
+    /// `Nats:Password`; secret references welcome).
+    pub nats_url: String,
+    pub nats_token: Option<String>,
+    pub nats_user: Option<String>,
+    pub nats_password: Option<String>,
+    /// `Nats:AckWaitSeconds`: redelivery of unacknowledged messages.
+    pub nats_ack_wait: Duration,
+    /// `Nats:MaxDeliver`: deliveries of one message at most.
+    pub nats_max_deliver: i64,
+    /// `Nats:StreamMaxMessages`: messages kept per topic stream.
+    pub nats_stream_max_messages: i64,
     /// `Redis:StreamMaxLen`: approximate length a topic stream is trimmed to.
     pub redis_stream_max_len: usize,
     /// `Redis:VisibilityTimeoutSeconds`: unacknowledged messages idle this
@@ -799,8 +812,22 @@ pub fn settings(layers: &Layers) -> Result<Settings, Vec<String>> {
     let pubsub = r.choice(
         "PubSub:Type",
         BusKind::Embedded,
-        &[("embedded", BusKind::Embedded), ("redis", BusKind::Redis)],
+        &[
+            ("embedded", BusKind::Embedded),
+            ("redis", BusKind::Redis),
+            ("nats", BusKind::Nats),
+        ],
     );
+    let nats_url = r.string("Nats:Url", "nats://127.0.0.1:4222");
+    let nats_token = layers.get("Nats:Token").map(|e| e.value.trim().to_string());
+    let nats_user = layers.get("Nats:User").map(|e| e.value.trim().to_string());
+    let nats_password = layers
+        .get("Nats:Password")
+        .map(|e| e.value.trim().to_string());
+    let nats_ack_wait = Duration::from_secs(r.int("Nats:AckWaitSeconds", 60, 1, 86_400));
+    let nats_max_deliver = r.int("Nats:MaxDeliver", 10, 1, 1000) as i64;
+    let nats_stream_max_messages =
+        r.int("Nats:StreamMaxMessages", 1_000_000, 1000, 1_000_000_000) as i64;
     let redis_stream_max_len = r.int("Redis:StreamMaxLen", 1_000_000, 1000, 1_000_000_000) as usize;
     let redis_visibility_timeout =
         Duration::from_secs(r.int("Redis:VisibilityTimeoutSeconds", 60, 1, 86_400));
@@ -858,6 +885,13 @@ pub fn settings(layers: &Layers) -> Result<Settings, Vec<String>> {
             state_store_path,
             state_store,
             pubsub,
+            nats_url,
+            nats_token,
+            nats_user,
+            nats_password,
+            nats_ack_wait,
+            nats_max_deliver,
+            nats_stream_max_messages,
             redis_stream_max_len,
             redis_visibility_timeout,
             redis_dedup_window,

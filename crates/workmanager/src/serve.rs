@@ -10,7 +10,10 @@ use workmanager_api::auth::AuthConfig;
 use workmanager_api::jwt::JwtVerifier;
 use workmanager_api::server::{serve, ServeOptions};
 use workmanager_api::tls::TlsState;
-use workmanager_backends::{EmbeddedBus, EmbeddedStore, RedisBus, RedisBusSettings, RedisStore};
+use workmanager_backends::{
+    EmbeddedBus, EmbeddedStore, NatsAuth, NatsBus, NatsBusSettings, RedisBus, RedisBusSettings,
+    RedisStore,
+};
 use workmanager_core::bus::Bus;
 use workmanager_core::{EngineRegistry, Manager, ManagerSettings, Metrics, StateStore};
 use workmanager_engine_python::{resolve_interpreter, PythonConfig, PythonEngine, SandboxMode};
@@ -138,6 +141,26 @@ pub async fn run(settings: Settings, port_file: Option<PathBuf>) -> Result<()> {
             .await
             .map_err(|e| anyhow!("{e} (PubSub:Type=redis, Redis:Url)"))?;
             tracing::info!("Redis Streams bus connected");
+            Arc::new(b)
+        }
+        BusKind::Nats => {
+            let b = NatsBus::connect(
+                &settings.nats_url,
+                NatsAuth {
+                    token: settings.nats_token.clone(),
+                    user: settings.nats_user.clone(),
+                    password: settings.nats_password.clone(),
+                },
+                NatsBusSettings {
+                    stream_max_messages: settings.nats_stream_max_messages,
+                    ack_wait: settings.nats_ack_wait,
+                    max_deliver: settings.nats_max_deliver,
+                    capacity: settings.queue_capacity,
+                },
+            )
+            .await
+            .map_err(|e| anyhow!("{e} (PubSub:Type=nats)"))?;
+            tracing::info!("NATS JetStream bus connected");
             Arc::new(b)
         }
     };

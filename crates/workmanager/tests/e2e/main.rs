@@ -2,12 +2,12 @@
 //! HTTP clients, a real state file.
 mod common;
 
+mod backends;
 mod bad_input;
 mod cli;
 mod grpc;
 mod logging;
 mod messaging;
-mod redis_backend;
 mod rest;
 mod restart;
 mod sandbox;

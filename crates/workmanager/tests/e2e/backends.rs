@@ -1,5 +1,6 @@
-//! The service on a real redis-server (started by the test on a free
-//! loopback port): state lives in Redis, not in the instance's files.
+//! The service on real redis-server and nats-server processes (started by
+//! the tests on free loopback ports): state in Redis, events in Redis
+//! Streams or NATS JetStream.
 use serde_json::json;
 use workmanager_api::pb;
 use workmanager_api::pb::WorkerStatus;
@@ -98,9 +99,50 @@ fn redis_settings(redis: &RedisServer) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn events_flow_through_redis_streams_and_wait_for_a_stopped_service() {
-    use tokio_stream::StreamExt;
     let redis = RedisServer::start();
     let settings = redis_settings(&redis);
+    let bus = workmanager_backends::RedisBus::connect(
+        &redis.url(),
+        workmanager_backends::RedisBusSettings {
+            stream_max_len: 100_000,
+            visibility_timeout: std::time::Duration::from_secs(60),
+            dedup_window: std::time::Duration::from_secs(60),
+            capacity: 16,
+            consumer: "test-publisher".into(),
+        },
+    )
+    .await
+    .unwrap();
+    events_flow_and_wait(&settings, &bus).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn events_flow_through_nats_jetstream_and_wait_for_a_stopped_service() {
+    let nats = workmanager_backends::testing::NatsServer::start();
+    let settings = vec![
+        "PubSub:Type=nats".to_string(),
+        format!("Nats:Url={}", nats.url()),
+    ];
+    let bus = workmanager_backends::NatsBus::connect(
+        &nats.url(),
+        workmanager_backends::NatsAuth::default(),
+        workmanager_backends::NatsBusSettings {
+            stream_max_messages: 100_000,
+            ack_wait: std::time::Duration::from_secs(60),
+            max_deliver: 5,
+            capacity: 16,
+        },
+    )
+    .await
+    .unwrap();
+    events_flow_and_wait(&settings, &bus).await;
+}
+
+/// 200 events through a worker on the given bus, all outputs observed; then,
+/// with the service stopped, 50 more published straight to the bus are
+/// processed exactly once when it starts again.
+async fn events_flow_and_wait(settings: &[String], bus: &dyn workmanager_core::bus::Bus) {
+    use tokio_stream::StreamExt;
     let settings: Vec<&str> = settings.iter().map(String::as_str).collect();
     let dir = tempfile::tempdir().unwrap();
     let id = {
@@ -143,19 +185,6 @@ async fn events_flow_through_redis_streams_and_wait_for_a_stopped_service() {
         id
     };
     // Published while no instance runs: the events wait in the stream.
-    let bus = workmanager_backends::RedisBus::connect(
-        &redis.url(),
-        workmanager_backends::RedisBusSettings {
-            stream_max_len: 100_000,
-            visibility_timeout: std::time::Duration::from_secs(60),
-            dedup_window: std::time::Duration::from_secs(60),
-            capacity: 16,
-            consumer: "test-publisher".into(),
-        },
-    )
-    .await
-    .unwrap();
-    use workmanager_core::bus::Bus;
     let later: Vec<workmanager_core::CloudEvent> = (1000..1050)
         .map(|i| {
             workmanager_core::CloudEvent::from_input(

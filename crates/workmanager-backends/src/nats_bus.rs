@@ -1,0 +1,360 @@
+//! The NATS JetStream bus (`PubSub:Type=nats`): a stream per topic (subject
+//! `workmanager.topic.<topic>`), a durable pull consumer per worker and
+//! topic (so each worker gets each message once, whichever instance hosts
+//! it), explicit acks after the dispatcher settled a message, redelivery
+//! after `ack_wait`, at most `max_deliver` deliveries. The client reconnects
+//! by itself. Observers use a core-NATS subscription on the same subject.
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream};
+use async_trait::async_trait;
+use futures::StreamExt;
+use tokio::sync::{broadcast, mpsc, watch};
+use workmanager_core::bus::{Ack, Acker, Bus, BusError, Delivery, Subscription};
+use workmanager_core::CloudEvent;
+
+use crate::redis_bus::GroupHandle;
+
+const WATCH_CAPACITY: usize = 4096;
+
+#[derive(Debug, Clone)]
+pub struct NatsBusSettings {
+    /// Messages kept per topic stream (oldest dropped beyond).
+    pub stream_max_messages: i64,
+    /// Unacknowledged messages are redelivered after this long.
+    pub ack_wait: Duration,
+    /// Deliveries of one message before JetStream gives up on it.
+    pub max_deliver: i64,
+    /// Local queue per group.
+    pub capacity: usize,
+}
+
+/// How to reach and authenticate to the server.
+#[derive(Clone, Default)]
+pub struct NatsAuth {
+    pub token: Option<String>,
+    pub user: Option<String>,
+    pub password: Option<String>,
+}
+
+pub struct NatsBus {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    settings: NatsBusSettings,
+    streams: tokio::sync::Mutex<HashMap<String, stream::Stream>>,
+    groups: Mutex<HashMap<String, GroupHandle>>,
+    watches: Mutex<HashMap<String, broadcast::Sender<Arc<CloudEvent>>>>,
+}
+
+pub fn subject(topic: &str) -> String {
+    format!("workmanager.topic.{topic}")
+}
+
+/// A JetStream-safe name for a topic's stream or a group's consumer:
+/// letters, digits, `-` and `_` kept, anything else hex-escaped.
+pub fn safe_name(prefix: &str, s: &str) -> String {
+    let mut out = String::from(prefix);
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'-' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("_{b:02x}"));
+        }
+    }
+    out
+}
+
+fn unavailable(e: impl std::fmt::Display) -> BusError {
+    BusError::Unavailable(format!("NATS: {e}"))
+}
+
+fn decode(payload: &[u8]) -> Option<CloudEvent> {
+    serde_json::from_slice::<serde_json::Value>(payload)
+        .ok()
+        .map(CloudEvent::from_input)
+}
+
+impl NatsBus {
+    pub async fn connect(
+        url: &str,
+        auth: NatsAuth,
+        settings: NatsBusSettings,
+    ) -> Result<Self, BusError> {
+        let mut opts = async_nats::ConnectOptions::new();
+        if let Some(t) = auth.token {
+            opts = opts.token(t);
+        }
+        if let (Some(u), Some(p)) = (auth.user, auth.password) {
+            opts = opts.user_and_password(u, p);
+        }
+        let client = tokio::time::timeout(Duration::from_secs(10), opts.connect(url))
+            .await
+            .map_err(|_| BusError::Unavailable(format!("NATS at {url} did not answer (Nats:Url)")))?
+            .map_err(|e| {
+                BusError::Unavailable(format!(
+                    "cannot connect to NATS at {url}: {e} (Nats:Url, Nats:Token / Nats:User / Nats:Password)"
+                ))
+            })?;
+        let js = jetstream::new(client.clone());
+        Ok(Self {
+            client,
+            js,
+            settings,
+            streams: tokio::sync::Mutex::new(HashMap::new()),
+            groups: Mutex::new(HashMap::new()),
+            watches: Mutex::new(HashMap::new()),
+        })
+    }
+
+    async fn stream(&self, topic: &str) -> Result<stream::Stream, BusError> {
+        let mut streams = self.streams.lock().await;
+        if let Some(s) = streams.get(topic) {
+            return Ok(s.clone());
+        }
+        let s = self
+            .js
+            .get_or_create_stream(stream::Config {
+                name: safe_name("wm_", topic),
+                subjects: vec![subject(topic)],
+                max_messages: self.settings.stream_max_messages,
+                ..Default::default()
+            })
+            .await
+            .map_err(unavailable)?;
+        streams.insert(topic.to_string(), s.clone());
+        Ok(s)
+    }
+}
+
+struct NatsAck(Option<jetstream::Message>);
+
+impl Acker for NatsAck {
+    fn ack(&self, outcome: Ack) {
+        let Some(msg) = &self.0 else { return };
+        if outcome == Ack::Retry {
+            return; // redelivered after ack_wait
+        }
+        let msg = msg.clone();
+        tokio::spawn(async move {
+            if let Err(e) = msg.ack().await {
+                tracing::warn!(error = %e, "JetStream ack failed; the message will be redelivered");
+            }
+        });
+    }
+}
+
+#[async_trait]
+impl Bus for NatsBus {
+    fn name(&self) -> &'static str {
+        "nats"
+    }
+
+    async fn publish(&self, topic: &str, event: CloudEvent) -> Result<(), BusError> {
+        self.publish_many(topic, vec![event]).await
+    }
+
+    /// Sends every event, then waits for every server acknowledgement.
+    async fn publish_many(&self, topic: &str, events: Vec<CloudEvent>) -> Result<(), BusError> {
+        self.stream(topic).await?;
+        let subj = subject(topic);
+        let mut acks = Vec::with_capacity(events.len());
+        for e in &events {
+            let payload = serde_json::to_vec(&e.0).map_err(unavailable)?;
+            acks.push(
+                self.js
+                    .publish(subj.clone(), payload.into())
+                    .await
+                    .map_err(unavailable)?,
+            );
+        }
+        for a in acks {
+            a.await.map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
+    async fn subscribe(&self, topics: &[String], group: &str) -> Result<Subscription, BusError> {
+        let (tx, rx) = mpsc::channel(self.settings.capacity.max(1));
+        let (stop_tx, stop_rx) = watch::channel(false);
+        for t in topics {
+            let stream = self.stream(t).await?;
+            let name = safe_name("w_", group);
+            let consumer: consumer::PullConsumer = stream
+                .get_or_create_consumer(
+                    &name,
+                    consumer::pull::Config {
+                        durable_name: Some(name.clone()),
+                        deliver_policy: consumer::DeliverPolicy::New,
+                        ack_policy: consumer::AckPolicy::Explicit,
+                        ack_wait: self.settings.ack_wait,
+                        max_deliver: self.settings.max_deliver,
+                        ..Default::default()
+                    },
+                )
+                .await
+                .map_err(unavailable)?;
+            let mut messages = consumer.messages().await.map_err(unavailable)?;
+            let (tx, mut stop, topic) = (tx.clone(), stop_rx.clone(), Arc::<str>::from(t.as_str()));
+            tokio::spawn(async move {
+                loop {
+                    let next = tokio::select! {
+                        _ = stop.wait_for(|s| *s) => return,
+                        m = messages.next() => m,
+                    };
+                    match next {
+                        Some(Ok(m)) => {
+                            let Some(event) = decode(&m.payload) else {
+                                NatsAck(Some(m)).ack(Ack::Done);
+                                continue;
+                            };
+                            let d = Delivery {
+                                topic: topic.clone(),
+                                event,
+                                acker: Some(Box::new(NatsAck(Some(m)))),
+                            };
+                            if tx.send(d).await.is_err() {
+                                return;
+                            }
+                        }
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e, "JetStream consumer error; retrying");
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                        None => return,
+                    }
+                }
+            });
+        }
+        let old = self
+            .groups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                group.to_string(),
+                GroupHandle {
+                    stop: stop_tx,
+                    queue: tx,
+                },
+            );
+        if let Some(old) = old {
+            let _ = old.stop.send(true);
+        }
+        Ok(Subscription { receiver: rx })
+    }
+
+    async fn unsubscribe(&self, _topics: &[String], group: &str) {
+        let g = self
+            .groups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(group);
+        if let Some(g) = g {
+            let _ = g.stop.send(true);
+        }
+    }
+
+    fn watch(&self, topic: &str) -> broadcast::Receiver<Arc<CloudEvent>> {
+        let mut watches = self.watches.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = watches.get(topic).filter(|tx| tx.receiver_count() > 0) {
+            return tx.subscribe();
+        }
+        let (tx, rx) = broadcast::channel(WATCH_CAPACITY);
+        watches.insert(topic.to_string(), tx.clone());
+        let client = self.client.clone();
+        let subj = subject(topic);
+        tokio::spawn(async move {
+            let Ok(mut sub) = client.subscribe(subj).await else {
+                return;
+            };
+            while let Some(m) = sub.next().await {
+                if tx.receiver_count() == 0 {
+                    return;
+                }
+                if let Some(e) = decode(&m.payload) {
+                    let _ = tx.send(Arc::new(e));
+                }
+            }
+        });
+        rx
+    }
+
+    fn queue_depth(&self, group: &str) -> usize {
+        self.groups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(group)
+            .map(|g| g.queue.max_capacity() - g.queue.capacity())
+            .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus_suite as suite;
+    use crate::testing::NatsServer;
+
+    async fn bus(n: &NatsServer) -> NatsBus {
+        NatsBus::connect(
+            &n.url(),
+            NatsAuth::default(),
+            NatsBusSettings {
+                stream_max_messages: 100_000,
+                ack_wait: Duration::from_secs(1),
+                max_deliver: 5,
+                capacity: 1024,
+            },
+        )
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn each_group_gets_each_message_once_in_order() {
+        let n = NatsServer::start();
+        suite::each_group_gets_each_message_once_in_order(&bus(&n).await).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn watchers_see_published_events() {
+        let n = NatsServer::start();
+        suite::watchers_see_published_events(&bus(&n).await).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn unsubscribe_ends_the_subscription() {
+        let n = NatsServer::start();
+        suite::unsubscribe_ends_the_subscription(&bus(&n).await).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_unacknowledged_message_is_redelivered_to_the_next_consumer() {
+        let n = NatsServer::start();
+        let first = bus(&n).await;
+        let mut s = first.subscribe(&["t".into()], "w1").await.unwrap();
+        first.publish("t", suite::ev(9)).await.unwrap();
+        let d = tokio::time::timeout(Duration::from_secs(10), s.receiver.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        std::mem::forget(d); // the instance dies before acknowledging
+        first.unsubscribe(&["t".into()], "w1").await;
+        let second = bus(&n).await;
+        let mut s2 = second.subscribe(&["t".into()], "w1").await.unwrap();
+        let d = tokio::time::timeout(Duration::from_secs(15), s2.receiver.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.event.0["data"], serde_json::json!(9));
+        d.ack(Ack::Done);
+    }
+
+    #[test]
+    fn names_are_jetstream_safe_and_distinct() {
+        assert_eq!(safe_name("wm_", "tp.out"), "wm_tp_2eout");
+        assert_ne!(safe_name("wm_", "a.b"), safe_name("wm_", "a_b"));
+        assert_eq!(subject("a.b"), "workmanager.topic.a.b");
+    }
+}
