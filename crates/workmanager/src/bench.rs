@@ -45,6 +45,10 @@ pub struct BenchArgs {
     /// one (e.g. redis://127.0.0.1:6390); its data is written to.
     #[arg(long)]
     redis_url: Option<String>,
+    /// A running NATS server with JetStream (e.g. nats://127.0.0.1:4233) to
+    /// compare the JetStream bus with the embedded one.
+    #[arg(long)]
+    nats_url: Option<String>,
 }
 
 const ECHO: &str = "import sys, json\nw = sys.stdout.buffer\nfor line in sys.stdin.buffer:\n    \
@@ -227,12 +231,23 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         )
         .await;
     }
-    if let (Ok(()), Some(url)) = (&result, &args.redis_url) {
-        let extra = ["PubSub:Type=redis".to_string(), format!("Redis:Url={url}")];
-        let mut redis = Bench::start_with(&python, "standard", &extra).await?;
+    let others = [
+        ("Redis Streams", "redis", "Redis", &args.redis_url),
+        ("NATS JetStream", "nats", "Nats", &args.nats_url),
+    ];
+    for (label, kind, section, url) in others {
+        let (Ok(()), Some(url)) = (&result, url) else {
+            continue;
+        };
+        let extra = [
+            format!("PubSub:Type={kind}"),
+            format!("{section}:Url={url}"),
+        ];
+        let mut other = Bench::start_with(&python, "standard", &extra).await?;
         result =
-            crate::bench_throughput::compare_buses(args.messages, &mut standard, &mut redis).await;
-        redis.stop().await;
+            crate::bench_throughput::compare_buses(args.messages, &mut standard, &mut other, label)
+                .await;
+        other.stop().await;
     }
     standard.stop().await;
     off.stop().await;
