@@ -6,6 +6,7 @@ mod bus_suite;
 pub mod embedded;
 pub mod embedded_bus;
 pub mod nats_bus;
+mod readers;
 pub mod redis_bus;
 pub mod redis_store;
 #[cfg(test)]

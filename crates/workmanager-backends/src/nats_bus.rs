@@ -5,7 +5,7 @@
 //! after `ack_wait`, at most `max_deliver` deliveries. The client reconnects
 //! by itself. Observers use a core-NATS subscription on the same subject.
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
@@ -15,9 +15,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 use workmanager_core::bus::{Ack, Acker, Bus, BusError, Delivery, Subscription};
 use workmanager_core::CloudEvent;
 
-use crate::redis_bus::GroupHandle;
-
-const WATCH_CAPACITY: usize = 4096;
+use crate::readers::{GroupHandle, Readers};
 
 #[derive(Debug, Clone)]
 pub struct NatsBusSettings {
@@ -44,8 +42,7 @@ pub struct NatsBus {
     js: jetstream::Context,
     settings: NatsBusSettings,
     streams: tokio::sync::Mutex<HashMap<String, stream::Stream>>,
-    groups: Mutex<HashMap<String, GroupHandle>>,
-    watches: Mutex<HashMap<String, broadcast::Sender<Arc<CloudEvent>>>>,
+    readers: Readers,
 }
 
 pub fn subject(topic: &str) -> String {
@@ -103,8 +100,7 @@ impl NatsBus {
             js,
             settings,
             streams: tokio::sync::Mutex::new(HashMap::new()),
-            groups: Mutex::new(HashMap::new()),
-            watches: Mutex::new(HashMap::new()),
+            readers: Readers::default(),
         })
     }
 
@@ -227,66 +223,42 @@ impl Bus for NatsBus {
                 }
             });
         }
-        let old = self
-            .groups
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                group.to_string(),
-                GroupHandle {
-                    stop: stop_tx,
-                    queue: tx,
-                },
-            );
-        if let Some(old) = old {
-            let _ = old.stop.send(true);
-        }
+        self.readers.add_group(
+            group,
+            GroupHandle {
+                stop: stop_tx,
+                queue: tx,
+            },
+        );
         Ok(Subscription { receiver: rx })
     }
 
     async fn unsubscribe(&self, _topics: &[String], group: &str) {
-        let g = self
-            .groups
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(group);
-        if let Some(g) = g {
-            let _ = g.stop.send(true);
-        }
+        self.readers.stop_group(group);
     }
 
     fn watch(&self, topic: &str) -> broadcast::Receiver<Arc<CloudEvent>> {
-        let mut watches = self.watches.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(tx) = watches.get(topic).filter(|tx| tx.receiver_count() > 0) {
-            return tx.subscribe();
-        }
-        let (tx, rx) = broadcast::channel(WATCH_CAPACITY);
-        watches.insert(topic.to_string(), tx.clone());
-        let client = self.client.clone();
-        let subj = subject(topic);
-        tokio::spawn(async move {
-            let Ok(mut sub) = client.subscribe(subj).await else {
-                return;
-            };
-            while let Some(m) = sub.next().await {
-                if tx.receiver_count() == 0 {
+        self.readers.watch(topic, |tx| {
+            let client = self.client.clone();
+            let subj = subject(topic);
+            tokio::spawn(async move {
+                let Ok(mut sub) = client.subscribe(subj).await else {
                     return;
+                };
+                while let Some(m) = sub.next().await {
+                    if tx.receiver_count() == 0 {
+                        return;
+                    }
+                    if let Some(e) = decode(&m.payload) {
+                        let _ = tx.send(Arc::new(e));
+                    }
                 }
-                if let Some(e) = decode(&m.payload) {
-                    let _ = tx.send(Arc::new(e));
-                }
-            }
-        });
-        rx
+            });
+        })
     }
 
     fn queue_depth(&self, group: &str) -> usize {
-        self.groups
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(group)
-            .map(|g| g.queue.max_capacity() - g.queue.capacity())
-            .unwrap_or(0)
+        self.readers.queue_depth(group)
     }
 }
 

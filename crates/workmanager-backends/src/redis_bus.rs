@@ -15,7 +15,7 @@
 //!   so a redelivery after a crash does not run an idempotent worker twice.
 //! - Observers (`watch`): one `XREAD` task per watched topic, from "now".
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -28,7 +28,8 @@ use tokio::sync::{broadcast, mpsc, watch};
 use workmanager_core::bus::{Ack, Acker, Bus, BusError, Delivery, Subscription};
 use workmanager_core::CloudEvent;
 
-const WATCH_CAPACITY: usize = 4096;
+use crate::readers::{GroupHandle, Readers};
+
 /// Messages read per `XREADGROUP` (the dispatcher then pipelines them to
 /// the worker 64 at a time).
 const READ_COUNT: usize = 256;
@@ -54,15 +55,7 @@ pub struct RedisBus {
     client: redis::Client,
     conn: ConnectionManager,
     settings: RedisBusSettings,
-    groups: Mutex<HashMap<String, GroupHandle>>,
-    watches: Mutex<HashMap<String, broadcast::Sender<Arc<CloudEvent>>>>,
-}
-
-/// A consumer group's reader: how to stop it, and its local queue (whose
-/// fill is the group's queue depth). Shared by the networked buses.
-pub(crate) struct GroupHandle {
-    pub(crate) stop: watch::Sender<bool>,
-    pub(crate) queue: mpsc::Sender<Delivery>,
+    readers: Readers,
 }
 
 pub fn stream_key(topic: &str) -> String {
@@ -85,8 +78,7 @@ impl RedisBus {
             client,
             conn,
             settings,
-            groups: Mutex::new(HashMap::new()),
-            watches: Mutex::new(HashMap::new()),
+            readers: Readers::default(),
         })
     }
 
@@ -420,20 +412,13 @@ impl Bus for RedisBus {
             stop: stop_rx,
         };
         tokio::spawn(reader.run());
-        let old = self
-            .groups
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                group.to_string(),
-                GroupHandle {
-                    stop: stop_tx,
-                    queue: tx,
-                },
-            );
-        if let Some(old) = old {
-            let _ = old.stop.send(true);
-        }
+        self.readers.add_group(
+            group,
+            GroupHandle {
+                stop: stop_tx,
+                queue: tx,
+            },
+        );
         Ok(Subscription { receiver: rx })
     }
 
@@ -441,63 +426,45 @@ impl Bus for RedisBus {
         // The reader stops; what it already handed over is drained by the
         // dispatcher; anything unacknowledged stays pending in the stream
         // for the next consumer of the group.
-        let handle = self
-            .groups
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(group);
-        if let Some(h) = handle {
-            let _ = h.stop.send(true);
-        }
+        self.readers.stop_group(group);
     }
 
     fn watch(&self, topic: &str) -> broadcast::Receiver<Arc<CloudEvent>> {
-        let mut watches = self.watches.lock().unwrap_or_else(|p| p.into_inner());
-        // A feed whose observers all left has stopped its reader: start anew.
-        if let Some(tx) = watches.get(topic).filter(|tx| tx.receiver_count() > 0) {
-            return tx.subscribe();
-        }
-        let (tx, rx) = broadcast::channel(WATCH_CAPACITY);
-        watches.insert(topic.to_string(), tx.clone());
-        let client = self.client.clone();
-        let stream = stream_key(topic);
-        tokio::spawn(async move {
-            let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
-                return;
-            };
-            let mut last = "$".to_string();
-            while tx.receiver_count() > 0 {
-                let opts = StreamReadOptions::default()
-                    .count(256)
-                    .block(BLOCK.as_millis() as usize);
-                let r: redis::RedisResult<Option<StreamReadReply>> =
-                    conn.xread_options(&[&stream], &[&last], &opts).await;
-                match r {
-                    Ok(Some(reply)) => {
-                        for key in reply.keys {
-                            for entry in key.ids {
-                                last = entry.id.clone();
-                                if let Some(e) = entry.map.get("e").and_then(decode) {
-                                    let _ = tx.send(Arc::new(e));
+        self.readers.watch(topic, |tx| {
+            let client = self.client.clone();
+            let stream = stream_key(topic);
+            tokio::spawn(async move {
+                let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+                    return;
+                };
+                let mut last = "$".to_string();
+                while tx.receiver_count() > 0 {
+                    let opts = StreamReadOptions::default()
+                        .count(256)
+                        .block(BLOCK.as_millis() as usize);
+                    let r: redis::RedisResult<Option<StreamReadReply>> =
+                        conn.xread_options(&[&stream], &[&last], &opts).await;
+                    match r {
+                        Ok(Some(reply)) => {
+                            for key in reply.keys {
+                                for entry in key.ids {
+                                    last = entry.id.clone();
+                                    if let Some(e) = entry.map.get("e").and_then(decode) {
+                                        let _ = tx.send(Arc::new(e));
+                                    }
                                 }
                             }
                         }
+                        Ok(None) => {}
+                        Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
                     }
-                    Ok(None) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
                 }
-            }
-        });
-        rx
+            });
+        })
     }
 
     fn queue_depth(&self, group: &str) -> usize {
-        self.groups
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(group)
-            .map(|h| h.queue.max_capacity() - h.queue.capacity())
-            .unwrap_or(0)
+        self.readers.queue_depth(group)
     }
 }
 
