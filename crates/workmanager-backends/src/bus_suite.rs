@@ -6,20 +6,14 @@ use serde_json::json;
 use workmanager_core::bus::{Ack, Bus};
 use workmanager_core::CloudEvent;
 
+/// Event `n`, with an id no other call returns (the networked buses drop
+/// repeated ids).
 pub(crate) fn ev(n: u64) -> CloudEvent {
-    CloudEvent::from_input(
-        json!({"specversion": "1.0", "id": format!("e{n}-{}", uuid()), "source": "s", "type": "t", "data": n}),
-    )
-}
-
-fn uuid() -> String {
-    format!(
-        "{:x}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0)
-    )
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let unique = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    CloudEvent::from_input(json!({
+        "specversion": "1.0", "id": format!("e{n}-{unique}"), "source": "s", "type": "t", "data": n
+    }))
 }
 
 async fn next(rx: &mut tokio::sync::mpsc::Receiver<workmanager_core::bus::Delivery>) -> u64 {

@@ -124,15 +124,14 @@ impl NatsBus {
     }
 }
 
-struct NatsAck(Option<jetstream::Message>);
+struct NatsAck(jetstream::Message);
 
 impl Acker for NatsAck {
     fn ack(&self, outcome: Ack) {
-        let Some(msg) = &self.0 else { return };
         if outcome == Ack::Retry {
             return; // redelivered after ack_wait
         }
-        let msg = msg.clone();
+        let msg = self.0.clone();
         tokio::spawn(async move {
             if let Err(e) = msg.ack().await {
                 tracing::warn!(error = %e, "JetStream ack failed; the message will be redelivered");
@@ -202,13 +201,13 @@ impl Bus for NatsBus {
                     match next {
                         Some(Ok(m)) => {
                             let Some(event) = decode(&m.payload) else {
-                                NatsAck(Some(m)).ack(Ack::Done);
+                                NatsAck(m).ack(Ack::Done);
                                 continue;
                             };
                             let d = Delivery {
                                 topic: topic.clone(),
                                 event,
-                                acker: Some(Box::new(NatsAck(Some(m)))),
+                                acker: Some(Box::new(NatsAck(m))),
                             };
                             if tx.send(d).await.is_err() {
                                 return;

@@ -35,6 +35,8 @@ use crate::readers::{GroupHandle, Readers};
 const READ_COUNT: usize = 256;
 /// How long one blocking read waits (also how fast a stop is noticed).
 const BLOCK: Duration = Duration::from_millis(500);
+/// Connecting, and each non-blocking call of the reconnecting connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
 pub struct RedisBusSettings {
@@ -68,12 +70,9 @@ fn unavailable(e: impl std::fmt::Display) -> BusError {
 
 impl RedisBus {
     pub async fn connect(url: &str, settings: RedisBusSettings) -> Result<Self, BusError> {
-        let client = redis::Client::open(url).map_err(|e| {
-            BusError::Unavailable(format!("Redis:Url is not a usable Redis URL: {e}"))
-        })?;
-        let conn = ConnectionManager::new(client.clone()).await.map_err(|e| {
-            BusError::Unavailable(format!("cannot connect to Redis for pub/sub: {e}"))
-        })?;
+        let (client, conn) = crate::redis_store::connect(url, CONNECT_TIMEOUT)
+            .await
+            .map_err(BusError::Unavailable)?;
         Ok(Self {
             client,
             conn,

@@ -59,28 +59,9 @@ impl RedisStore {
     /// Connects to `url` (`redis://[user:password@]host:port[/db]`, or
     /// `rediss://` for TLS) and checks the server answers.
     pub async fn connect(url: &str, timeout: Duration) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url).map_err(|e| {
-            StoreError::Unavailable(format!("Redis:Url is not a usable Redis URL: {e}"))
-        })?;
-        // One plain connection first: the manager below retries forever on
-        // refused credentials, this says so at once.
-        tokio::time::timeout(timeout, client.get_multiplexed_async_connection())
+        let (_, conn) = connect(url, timeout)
             .await
-            .map_err(|_| {
-                StoreError::Unavailable(format!("Redis at {} did not answer", redact(url)))
-            })?
-            .map_err(|e| StoreError::Unavailable(describe(url, &e)))?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(timeout)
-            .set_response_timeout(timeout)
-            .set_number_of_retries(2);
-        let conn = tokio::time::timeout(
-            timeout * 2,
-            client.get_connection_manager_with_config(config),
-        )
-        .await
-        .map_err(|_| StoreError::Unavailable(format!("Redis at {} did not answer", redact(url))))?
-        .map_err(|e| StoreError::Unavailable(describe(url, &e)))?;
+            .map_err(StoreError::Unavailable)?;
         let s = Self {
             conn,
             commit: Script::new(COMMIT),
@@ -104,6 +85,35 @@ impl RedisStore {
             ))),
         }
     }
+}
+
+/// Opens a client and a reconnecting connection to `url`, for the store and
+/// the bus alike. A plain connection is tried first: the reconnecting one
+/// retries forever on refused credentials, this says so at once, naming the
+/// setting to fix and never the password.
+pub(crate) async fn connect(
+    url: &str,
+    timeout: Duration,
+) -> Result<(redis::Client, ConnectionManager), String> {
+    let client = redis::Client::open(url)
+        .map_err(|e| format!("Redis:Url is not a usable Redis URL: {e}"))?;
+    let silent = || format!("Redis at {} did not answer", redact(url));
+    tokio::time::timeout(timeout, client.get_multiplexed_async_connection())
+        .await
+        .map_err(|_| silent())?
+        .map_err(|e| describe(url, &e))?;
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(timeout)
+        .set_response_timeout(timeout)
+        .set_number_of_retries(2);
+    let conn = tokio::time::timeout(
+        timeout * 2,
+        client.get_connection_manager_with_config(config),
+    )
+    .await
+    .map_err(|_| silent())?
+    .map_err(|e| describe(url, &e))?;
+    Ok((client, conn))
 }
 
 /// The URL without its password, for messages.

@@ -28,7 +28,7 @@ use async_trait::async_trait;
 use base64::Engine as _;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use workmanager_core::error::{CoreError, Result};
+use workmanager_core::error::{error_chain, CoreError, Result};
 use workmanager_core::fetch::{CodeFetcher, FetchRequest};
 use workmanager_core::model::RawCredential;
 
@@ -387,21 +387,6 @@ pub fn expected_digest(s: &str) -> std::result::Result<[u8; 32], String> {
         None => hex::decode(s).map_err(|_| bad())?,
     };
     bytes.try_into().map_err(|_| bad())
-}
-
-/// An error with its causes ("connection refused" sits a few levels down).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = c.source();
-    }
-    s
 }
 
 #[cfg(test)]

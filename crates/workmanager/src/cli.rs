@@ -13,6 +13,7 @@ use workmanager_api::convert::{event_from_proto, event_to_proto};
 use workmanager_api::error::code_name;
 use workmanager_api::pb;
 use workmanager_api::pb::work_manager_client::WorkManagerClient;
+use workmanager_core::error::error_chain;
 use workmanager_core::CloudEvent;
 
 /// Largest message the CLI sends or accepts (code uploads).
@@ -451,17 +452,6 @@ async fn connect(conn: &ConnArgs) -> Result<Client> {
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE),
     )
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// Awaits an RPC. On a terminal, a spinner on stderr shows that the CLI is
