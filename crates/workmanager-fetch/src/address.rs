@@ -83,6 +83,11 @@ fn v4_refusal(ip: Ipv4Addr) -> Option<&'static str> {
         .map(|(_, _, why)| *why)
 }
 
+/// The IPv4 address carried by two 16-bit groups of an IPv6 address.
+fn v4_in(hi: u16, lo: u16) -> Ipv4Addr {
+    Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo))
+}
+
 fn v6_refusal(ip: Ipv6Addr) -> Option<String> {
     let s = ip.segments();
     let embedded = |v4: Ipv4Addr, form: &str| {
@@ -100,24 +105,18 @@ fn v6_refusal(ip: Ipv6Addr) -> Option<String> {
     }
     // ::a.b.c.d — IPv4-compatible (deprecated, still routed by some stacks).
     if s[..6] == [0; 6] {
-        return embedded(
-            Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8),
-            "IPv4-compatible",
-        );
+        return embedded(v4_in(s[6], s[7]), "IPv4-compatible");
     }
     // 64:ff9b::/96 — NAT64 well-known prefix.
     if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
-        return embedded(
-            Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8),
-            "NAT64",
-        );
+        return embedded(v4_in(s[6], s[7]), "NAT64");
     }
     if s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1 {
         return Some("a local-use NAT64 address (64:ff9b:1::/48)".into());
     }
     // 2002:aabb:ccdd::/48 — 6to4 carries aa.bb.cc.dd.
     if s[0] == 0x2002 {
-        let v4 = Ipv4Addr::new((s[1] >> 8) as u8, s[1] as u8, (s[2] >> 8) as u8, s[2] as u8);
+        let v4 = v4_in(s[1], s[2]);
         return embedded(v4, "6to4");
     }
     let first = s[0];

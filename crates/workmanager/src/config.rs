@@ -84,12 +84,10 @@ pub enum LogFormat {
     Text,
 }
 
-/// Typed settings. Some are validated now (a malformed value fails start-up)
-/// but consumed by features that arrive later: URL fetching (`CodeSource:*`,
-/// `AllowedCodeSourceHosts`), the sandbox's module lists, the dispatcher's
-/// retries (`Worker:*`) and the resilience layer (`Resilience:*`).
+/// Typed settings. The `Resilience:*` ones are validated now (a malformed
+/// value fails start-up) but consumed by the circuit breaker that arrives
+/// with several instances on a shared backend.
 #[derive(Debug, Clone)]
-#[allow(dead_code)]
 pub struct Settings {
     pub bind_address: IpAddr,
     pub http_port: u16,
@@ -129,9 +127,13 @@ pub struct Settings {
     pub worker_retry_attempts: u32,
     pub worker_retry_base_delay: Duration,
     pub recovery: RecoverySettings,
+    #[allow(dead_code)] // Resilience:*, see above
     pub resilience_retry_attempts: u32,
+    #[allow(dead_code)] // Resilience:*, see above
     pub resilience_retry_base_delay: Duration,
+    #[allow(dead_code)] // Resilience:*, see above
     pub circuit_breaker_threshold: u32,
+    #[allow(dead_code)] // Resilience:*, see above
     pub circuit_breaker_duration: Duration,
     pub state_store_path: PathBuf,
     /// `StateStore:Type`: embedded (default) or redis.
