@@ -60,17 +60,22 @@ impl RedisServer {
     }
 
     fn wait_up(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("redis-server exited: {status}; is redis-server installed? (scripts/test installs it)");
-            }
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
+        wait_listening(&mut self.child, self.port, "redis-server");
+    }
+}
+
+/// Waits until the server `child` accepts connections on `port`.
+fn wait_listening(child: &mut Child, port: u16, name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{name} exited: {status}; is it installed? (scripts/test installs it)");
         }
+        assert!(
+            Instant::now() < deadline,
+            "{name} did not start within 20 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -131,14 +136,7 @@ impl NatsServer {
             child,
             _dir: dir,
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Ok(Some(status)) = server.child.try_wait() {
-                panic!("nats-server exited: {status}");
-            }
-            assert!(Instant::now() < deadline, "nats-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_listening(&mut server.child, port, "nats-server");
         server
     }
 
