@@ -153,6 +153,7 @@ struct Entry {
 }
 
 struct Reader {
+    client: redis::Client,
     conn: MultiplexedConnection,
     control: ConnectionManager,
     acks: mpsc::UnboundedSender<(Arc<str>, String)>,
@@ -212,7 +213,13 @@ impl Reader {
                             create_group(&mut self.control, stream, &self.group).await;
                         }
                     } else {
-                        tracing::warn!(error = %e, group = %self.group, "XREADGROUP failed; retrying");
+                        tracing::warn!(error = %e, group = %self.group, "XREADGROUP failed; reconnecting");
+                        // The reading connection is a plain one (blocking
+                        // reads would stall the shared, self-healing one):
+                        // after a server restart it must be opened anew.
+                        if let Some(c) = reconnect(&self.client).await {
+                            self.conn = c;
+                        }
                     }
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
@@ -337,6 +344,14 @@ impl Reader {
     }
 }
 
+/// A fresh plain connection, or `None` while the server is still away.
+async fn reconnect(client: &redis::Client) -> Option<MultiplexedConnection> {
+    tokio::time::timeout(CONNECT_TIMEOUT, client.get_multiplexed_async_connection())
+        .await
+        .ok()?
+        .ok()
+}
+
 async fn create_group(conn: &mut ConnectionManager, stream: &str, group: &str) {
     // "$": a new worker starts with new messages; an existing group resumes
     // where it stopped (messages published meanwhile included).
@@ -401,6 +416,7 @@ impl Bus for RedisBus {
         let (tx, rx) = mpsc::channel(self.settings.capacity.max(1));
         let (stop_tx, stop_rx) = watch::channel(false);
         let reader = Reader {
+            client: self.client.clone(),
             conn,
             control,
             acks: ack_tx,
@@ -455,7 +471,12 @@ impl Bus for RedisBus {
                             }
                         }
                         Ok(None) => {}
-                        Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                        Err(_) => {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            if let Some(c) = reconnect(&client).await {
+                                conn = c;
+                            }
+                        }
                     }
                 }
             });
@@ -554,6 +575,47 @@ mod tests {
         let d = recv(&mut s2.receiver).await;
         assert_eq!(d.event.0["data"], serde_json::json!(42));
         d.ack(Ack::Done);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn consumers_and_observers_resume_after_a_server_restart() {
+        let mut r = RedisServer::start();
+        let b = bus(&r, "i1").await;
+        let mut s = b.subscribe(&["t".into()], "w1").await.unwrap();
+        let mut w = b.watch("t");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        b.publish("t", suite::ev(1)).await.unwrap();
+        recv(&mut s.receiver).await.ack(Ack::Done);
+        assert!(w.recv().await.is_ok());
+        r.restart();
+        // Publishing may fail while the connection heals; then it lands.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while b.publish("t", suite::ev(2)).await.is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "publishing never recovered"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // At least once: message 1 may come again if its acknowledgement
+        // raced the restart; message 2 must come.
+        loop {
+            let d = tokio::time::timeout(Duration::from_secs(20), s.receiver.recv())
+                .await
+                .expect("the consumer resumed")
+                .expect("open");
+            let n = d.event.0["data"].as_u64();
+            d.ack(Ack::Done);
+            if n == Some(2) {
+                break;
+            }
+            assert_eq!(n, Some(1), "only a redelivery of 1 may come first");
+        }
+        let e = tokio::time::timeout(Duration::from_secs(20), w.recv())
+            .await
+            .expect("the observer resumed")
+            .unwrap();
+        assert_eq!(e.0["data"], serde_json::json!(2));
     }
 
     #[tokio::test(flavor = "multi_thread")]
