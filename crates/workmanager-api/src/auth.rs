@@ -153,6 +153,36 @@ pub struct Caller {
     pub principal: Principal,
     /// The peer's address, when known.
     pub source: Option<SocketAddr>,
+    /// The header that authenticated the caller (API key or bearer token),
+    /// passed on when the request is forwarded to the worker's owner, which
+    /// checks it again. `None` for certificate callers and with auth off.
+    pub credential: Option<Credential>,
+}
+
+/// A credential header as presented; never printed.
+#[derive(Clone)]
+pub struct Credential {
+    pub header: &'static str,
+    pub value: http::HeaderValue,
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Credential({}: ***)", self.header)
+    }
+}
+
+impl Credential {
+    fn from_headers(headers: &HeaderMap) -> Option<Self> {
+        ["x-api-key", "authorization"]
+            .into_iter()
+            .find_map(|header| {
+                headers.get(header).map(|v| Credential {
+                    header,
+                    value: v.clone(),
+                })
+            })
+    }
 }
 
 /// The TLS client certificate's names (subject CN and SANs), put into the
@@ -439,7 +469,16 @@ where
                     name: "anonymous".into(),
                     role: Role::Viewer,
                 });
-                req.extensions_mut().insert(Caller { principal, source });
+                let credential = if self.cfg.enabled() {
+                    Credential::from_headers(req.headers())
+                } else {
+                    None
+                };
+                req.extensions_mut().insert(Caller {
+                    principal,
+                    source,
+                    credential,
+                });
                 Box::pin(self.inner.call(req))
             }
             Err(refusal) => {

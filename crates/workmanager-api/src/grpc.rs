@@ -17,17 +17,19 @@ use crate::convert::{
 };
 use crate::correlation::CorrelationId;
 use crate::error::status;
+use crate::forward::{Forwarded, Forwarder};
 use crate::pb;
 use crate::pb::work_manager_server::WorkManager;
 
 #[derive(Clone)]
 pub struct WorkManagerService {
     manager: Manager,
+    forwarder: Arc<Forwarder>,
 }
 
 impl WorkManagerService {
-    pub fn new(manager: Manager) -> Self {
-        Self { manager }
+    pub fn new(manager: Manager, forwarder: Arc<Forwarder>) -> Self {
+        Self { manager, forwarder }
     }
 
     pub fn manager(&self) -> &Manager {
@@ -46,6 +48,23 @@ pub fn context<T>(req: &Request<T>) -> RequestContext {
         ctx.source = c.source.map(|s| s.to_string()).unwrap_or_default();
     }
     ctx
+}
+
+/// A worker-scoped RPC starts here: the owner's answer when the worker is
+/// hosted by a live peer (returned at once), else the request to serve here.
+macro_rules! owner_or_here {
+    ($self:ident, $req:ident, $method:ident) => {
+        match $self
+            .forwarder
+            .route(&$self.manager, $req, |mut c, r| async move {
+                c.$method(r).await
+            })
+            .await?
+        {
+            Forwarded::Done(answer) => return Ok(answer),
+            Forwarded::Here(r) => r,
+        }
+    };
 }
 
 type EventStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -84,6 +103,7 @@ impl WorkManager for WorkManagerService {
         &self,
         req: Request<pb::StartWorkerRequest>,
     ) -> Result<Response<pb::StartWorkerResponse>, Status> {
+        let req = owner_or_here!(self, req, start_worker);
         let ctx = context(&req);
         let s = self
             .manager
@@ -99,6 +119,7 @@ impl WorkManager for WorkManagerService {
         &self,
         req: Request<pb::StopWorkerRequest>,
     ) -> Result<Response<pb::StopWorkerResponse>, Status> {
+        let req = owner_or_here!(self, req, stop_worker);
         let ctx = context(&req);
         let s = self
             .manager
@@ -114,6 +135,7 @@ impl WorkManager for WorkManagerService {
         &self,
         req: Request<pb::LoadCodeRequest>,
     ) -> Result<Response<pb::LoadCodeResponse>, Status> {
+        let req = owner_or_here!(self, req, load_code);
         let ctx = context(&req);
         let r = req.into_inner();
         let code = code_input(r.code_source)?;
@@ -124,6 +146,7 @@ impl WorkManager for WorkManagerService {
         &self,
         req: Request<pb::LoadCodeFromContentRequest>,
     ) -> Result<Response<pb::LoadCodeResponse>, Status> {
+        let req = owner_or_here!(self, req, load_code_from_content);
         let ctx = context(&req);
         let r = req.into_inner();
         self.load(
@@ -139,6 +162,7 @@ impl WorkManager for WorkManagerService {
         &self,
         req: Request<pb::LoadCodeFromUrlRequest>,
     ) -> Result<Response<pb::LoadCodeResponse>, Status> {
+        let req = owner_or_here!(self, req, load_code_from_url);
         let ctx = context(&req);
         let r = req.into_inner();
         let code = CodeInput::Url {
@@ -154,6 +178,7 @@ impl WorkManager for WorkManagerService {
         &self,
         req: Request<pb::DeleteWorkerRequest>,
     ) -> Result<Response<pb::DeleteWorkerResponse>, Status> {
+        let req = owner_or_here!(self, req, delete_worker);
         let ctx = context(&req);
         self.manager
             .delete(&ctx, &req.get_ref().id)
@@ -174,7 +199,9 @@ impl WorkManager for WorkManagerService {
             .collect();
         let workers = self
             .manager
-            .list(&filters)
+            .list_all(&filters)
+            .await
+            .map_err(status)?
             .iter()
             .map(worker_info)
             .collect();
@@ -185,6 +212,7 @@ impl WorkManager for WorkManagerService {
         &self,
         req: Request<pb::GetWorkerHistoryRequest>,
     ) -> Result<Response<pb::GetWorkerHistoryResponse>, Status> {
+        let req = owner_or_here!(self, req, get_worker_history);
         let entries = self.manager.history(&req.get_ref().id).map_err(status)?;
         Ok(Response::new(pb::GetWorkerHistoryResponse {
             entries: entries.into_iter().map(history_entry).collect(),
@@ -206,6 +234,7 @@ impl WorkManager for WorkManagerService {
         &self,
         req: Request<pb::SetTagRequest>,
     ) -> Result<Response<pb::SetTagResponse>, Status> {
+        let req = owner_or_here!(self, req, set_tag);
         let ctx = context(&req);
         let r = req.into_inner();
         let tags = [(r.key, r.value)].into_iter().collect();
@@ -220,6 +249,7 @@ impl WorkManager for WorkManagerService {
         &self,
         req: Request<pb::SetTagsRequest>,
     ) -> Result<Response<pb::SetTagsResponse>, Status> {
+        let req = owner_or_here!(self, req, set_tags);
         let ctx = context(&req);
         let r = req.into_inner();
         self.manager
@@ -233,6 +263,7 @@ impl WorkManager for WorkManagerService {
         &self,
         req: Request<pb::GetTagRequest>,
     ) -> Result<Response<pb::GetTagResponse>, Status> {
+        let req = owner_or_here!(self, req, get_tag);
         let r = req.get_ref();
         let value = self.manager.get_tag(&r.id, &r.key).map_err(status)?;
         Ok(Response::new(pb::GetTagResponse { value }))
@@ -242,6 +273,7 @@ impl WorkManager for WorkManagerService {
         &self,
         req: Request<pb::GetTagsRequest>,
     ) -> Result<Response<pb::GetTagsResponse>, Status> {
+        let req = owner_or_here!(self, req, get_tags);
         let tags = self.manager.get_tags(&req.get_ref().id).map_err(status)?;
         Ok(Response::new(pb::GetTagsResponse { tags }))
     }
@@ -250,6 +282,7 @@ impl WorkManager for WorkManagerService {
         &self,
         req: Request<pb::GetWorkerRequest>,
     ) -> Result<Response<pb::WorkerInfo>, Status> {
+        let req = owner_or_here!(self, req, get_worker);
         let s = self.manager.get(&req.get_ref().id).map_err(status)?;
         Ok(Response::new(worker_info(&s)))
     }
@@ -271,6 +304,7 @@ impl WorkManager for WorkManagerService {
         &self,
         req: Request<pb::InvokeWorkerRequest>,
     ) -> Result<Response<pb::InvokeWorkerResponse>, Status> {
+        let req = owner_or_here!(self, req, invoke_worker);
         let r = req.into_inner();
         let event = r.event.ok_or_else(|| {
             Status::invalid_argument(

@@ -17,6 +17,7 @@ use serde_json::{json, Value};
 use tonic::{Request, Status};
 use workmanager_core::{CloudEvent, Manager};
 
+use crate::convert::{event_from_proto, event_into_proto};
 use crate::correlation::{CorrelationId, CorrelationLayer, InFlight};
 use crate::error::ApiError;
 use crate::grpc::WorkManagerService;
@@ -437,13 +438,16 @@ async fn invoke_worker(
             ))
         }
     };
-    let out = s
-        .svc
-        .invoke(&id, event, b.publish)
-        .await
-        .map_err(|e| ApiError::from_status(&e, &cid.0))?;
+    // Through the gRPC method, so a worker hosted by a peer is reached the same way.
+    let req = pb::InvokeWorkerRequest {
+        id,
+        event: Some(event_into_proto(event)),
+        publish: b.publish,
+    };
+    let Json(answer) = call(&cid, req, |r| s.svc.invoke_worker(r)).await?;
     let mut body = BTreeMap::new();
-    if let Some(e) = out {
+    if let Some(e) = answer.event {
+        let e = event_from_proto(e).map_err(|e| ApiError::from_status(&e, &cid.0))?;
         body.insert("event", Value::Object(e.0));
     }
     Ok(Json(json!(body)))

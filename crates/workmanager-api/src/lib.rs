@@ -11,6 +11,7 @@ pub mod auth;
 pub mod convert;
 pub mod correlation;
 pub mod error;
+pub mod forward;
 pub mod grpc;
 pub mod http;
 pub mod jwt;

@@ -32,6 +32,8 @@ pub struct ServeOptions {
     pub auth: Arc<AuthConfig>,
     /// TLS (and mTLS) for both ports; plain text when `None`.
     pub tls: Option<Arc<TlsState>>,
+    /// Client TLS for forwarding to peers (with TLS on).
+    pub peer_tls: Option<crate::forward::PeerTls>,
 }
 
 /// How long a TLS handshake may take.
@@ -50,7 +52,11 @@ pub async fn serve(
 ) -> Result<(), String> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let inflight = InFlight::default();
-    let svc = WorkManagerService::new(manager.clone());
+    let forwarder = Arc::new(crate::forward::Forwarder::new(
+        manager.instance_id().to_string(),
+        opts.peer_tls.clone(),
+    ));
+    let svc = WorkManagerService::new(manager.clone(), forwarder);
 
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter

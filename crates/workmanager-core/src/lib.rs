@@ -15,6 +15,7 @@ pub mod fetch;
 pub mod manager;
 pub mod metrics;
 pub mod model;
+pub mod ownership;
 mod recovery;
 pub mod store;
 
@@ -27,5 +28,6 @@ pub use fetch::{CodeFetcher, DisabledFetcher};
 pub use manager::{CreateWorker, Manager, ManagerSettings};
 pub use metrics::Metrics;
 pub use model::{CodeInput, WorkerId, WorkerRecord, WorkerStatus};
+pub use ownership::{ClusterSettings, Route};
 pub use recovery::RecoverySettings;
 pub use store::{Precondition, StateStore, StoreError, Versioned, WriteOp};

@@ -45,6 +45,8 @@ pub struct ManagerSettings {
     pub retry_base_delay: std::time::Duration,
     /// How long a stopping worker may finish its queued and in-flight messages.
     pub drain_timeout: std::time::Duration,
+    /// Heartbeat, staleness and the advertised endpoint (ownership.rs).
+    pub cluster: crate::ownership::ClusterSettings,
 }
 
 /// A validated-on-use create request.
@@ -105,7 +107,7 @@ pub(crate) struct Slot {
     pub(crate) topic_counters: HashMap<String, crate::metrics::TopicCounters>,
     engine_counters: crate::metrics::EngineCounters,
     /// Serialises lifecycle operations on this worker.
-    op: tokio::sync::Mutex<()>,
+    pub(crate) op: tokio::sync::Mutex<()>,
     /// The record and its store version (for CAS writes).
     state: Mutex<(WorkerRecord, Version)>,
     /// Current code; `None` while FAILED without a runnable engine.
@@ -157,7 +159,10 @@ impl Slot {
             .clone()
     }
 
-    fn set_engine(&self, e: Option<Arc<dyn LoadedWorker>>) -> Option<Arc<dyn LoadedWorker>> {
+    pub(crate) fn set_engine(
+        &self,
+        e: Option<Arc<dyn LoadedWorker>>,
+    ) -> Option<Arc<dyn LoadedWorker>> {
         std::mem::replace(
             &mut *self.engine.write().unwrap_or_else(|p| p.into_inner()),
             e,
@@ -263,6 +268,15 @@ impl Manager {
 
     pub(crate) fn insert(&self, slot: Arc<Slot>) {
         write_map(&self.inner.workers).insert(slot.id.clone(), slot);
+    }
+
+    /// Whether this instance hosts the worker (`id` as a user gave it).
+    pub fn hosts(&self, id: &str) -> bool {
+        WorkerId::parse(id).is_ok_and(|id| self.contains(&id))
+    }
+
+    pub(crate) fn remove(&self, id: &WorkerId) {
+        write_map(&self.inner.workers).remove(id);
     }
 
     fn slot(&self, id: &str) -> Result<Arc<Slot>> {
@@ -469,6 +483,11 @@ impl Manager {
     }
 
     // ---- persistence ----------------------------------------------------------
+
+    /// The ids in the worker index.
+    pub(crate) async fn index_ids(&self) -> Result<Vec<String>> {
+        Ok(self.read_index().await?.0)
+    }
 
     async fn read_index(&self) -> Result<(Vec<String>, Precondition)> {
         match self.inner.store.get(keys::WORKER_INDEX).await? {

@@ -4,24 +4,20 @@
 //! Steps: wait for the store (bounded), take the recovery lease (CAS + TTL),
 //! load each worker's code and restore its status, release the lease. One
 //! worker's failure marks that worker FAILED and does not stop the rest.
-//! Also here: the instance heartbeat other instances use to judge ownership.
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+//! Which workers "this instance should own" is decided in ownership.rs.
+use std::time::Duration;
 
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use crate::audit::{self, RequestContext};
 use crate::error::{CoreError, Result};
-use crate::manager::{Manager, Slot};
-use crate::model::{WorkerId, WorkerRecord, WorkerStatus};
+use crate::manager::Manager;
+use crate::ownership::{now_ms, Claim};
 use crate::store::{keys, Precondition, StoreError};
 
 /// Workers loaded in parallel during recovery.
 const RECOVERY_PARALLELISM: usize = 4;
-/// How often the heartbeat is written; an instance is presumed gone after
-/// three missed beats.
-pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
 pub struct RecoverySettings {
@@ -46,19 +42,6 @@ impl Default for RecoverySettings {
 struct Lease {
     holder: String,
     expires_at_ms: u64,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct Heartbeat {
-    instance_id: String,
-    last_seen_ms: u64,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 impl Manager {
@@ -106,15 +89,10 @@ impl Manager {
                 "recovery lease held by another instance past Recovery:AcquireTimeoutSeconds; recovering anyway"
             );
         }
-        let ids: Vec<String> = match self.inner.store.get(keys::WORKER_INDEX).await? {
-            None => Vec::new(),
-            Some(v) => serde_json::from_slice(&v.value).map_err(|e| {
-                CoreError::Internal(format!("the worker index is not valid JSON: {e}"))
-            })?,
-        };
+        let ids = self.index_ids().await?;
         let recovered = futures::stream::iter(ids)
             .map(|id| async move {
-                match self.recover_one(ctx, &id).await {
+                match self.adopt(ctx, &id, Claim::IfStale).await {
                     Ok(true) => 1u32,
                     Ok(false) => 0,
                     Err(e) => {
@@ -207,114 +185,5 @@ impl Manager {
                 }
             }
         }
-    }
-
-    /// Whether an instance's heartbeat is recent enough to presume it alive.
-    async fn instance_alive(&self, instance_id: &str) -> bool {
-        match self.inner.store.get(&keys::instance(instance_id)).await {
-            Ok(Some(v)) => serde_json::from_slice::<Heartbeat>(&v.value).is_ok_and(|h| {
-                now_ms().saturating_sub(h.last_seen_ms) < 3 * HEARTBEAT_INTERVAL.as_millis() as u64
-            }),
-            _ => false,
-        }
-    }
-
-    /// Ok(true): recovered with runnable code. Ok(false): skipped, or
-    /// recovered as FAILED.
-    async fn recover_one(&self, ctx: &RequestContext, id: &str) -> Result<bool> {
-        let worker_id = WorkerId::parse(id)?;
-        if self.contains(&worker_id) {
-            return Ok(false);
-        }
-        let Some(stored) = self.inner.store.get(&keys::worker(id)).await? else {
-            tracing::warn!(worker_id = %id, "the index names a worker whose record is missing; skipped");
-            return Ok(false);
-        };
-        let mut record: WorkerRecord = serde_json::from_slice(&stored.value)
-            .map_err(|e| CoreError::Internal(format!("worker record {id} is not valid: {e}")))?;
-        let me = self.instance_id();
-        if self.inner.store.shared()
-            && record.instance_id != me
-            && self.instance_alive(&record.instance_id).await
-        {
-            return Ok(false);
-        }
-        record.instance_id = me.to_string();
-        let mut runnable = false;
-        let engine = if record.status == WorkerStatus::Failed {
-            None
-        } else {
-            match self.load_engine(&record).await {
-                Ok(e) => {
-                    runnable = true;
-                    Some(e)
-                }
-                Err(e) => {
-                    record.status = WorkerStatus::Failed;
-                    record.last_error = Some(format!("recovery could not load the code: {e}"));
-                    None
-                }
-            }
-        };
-        let value = crate::manager::encode(&record)?;
-        let version = match self
-            .inner
-            .store
-            .put(
-                &keys::worker(id),
-                value,
-                Precondition::Version(stored.version),
-            )
-            .await
-        {
-            Ok(v) => v,
-            Err(e) => {
-                if let Some(engine) = engine {
-                    engine.shutdown().await;
-                }
-                return Err(e.into());
-            }
-        };
-        let status = record.status;
-        let error = record.last_error.clone();
-        let slot = Arc::new(Slot::new(record, version, engine, &self.inner.metrics));
-        self.insert(slot.clone());
-        self.lifecycle(ctx, &slot, "registered", None);
-        match status {
-            WorkerStatus::Running => match self.go_online(&slot).await {
-                Ok(()) => self.lifecycle(ctx, &slot, "online", None),
-                Err(e) => {
-                    tracing::warn!(worker_id = %id, error = %e, "recovered worker could not subscribe")
-                }
-            },
-            WorkerStatus::Failed => self.lifecycle(ctx, &slot, "failed", error.as_deref()),
-            WorkerStatus::Stopped => {}
-        }
-        Ok(runnable)
-    }
-
-    /// Writes this instance's heartbeat every `HEARTBEAT_INTERVAL` until the
-    /// manager is dropped. A failed write is a warning, never fatal.
-    pub fn spawn_heartbeat(&self) -> tokio::task::JoinHandle<()> {
-        let weak = Arc::downgrade(&self.inner);
-        let key = keys::instance(self.instance_id());
-        let instance_id = self.instance_id().to_string();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
-            loop {
-                tick.tick().await;
-                let Some(inner) = weak.upgrade() else { return };
-                let beat = Heartbeat {
-                    instance_id: instance_id.clone(),
-                    last_seen_ms: now_ms(),
-                };
-                let Ok(value) = serde_json::to_vec(&beat) else {
-                    continue;
-                };
-                if let Err(e) = inner.store.put(&key, value, Precondition::None).await {
-                    tracing::warn!(error = %e, "heartbeat write failed");
-                }
-            }
-        })
     }
 }

@@ -167,6 +167,17 @@ pub struct Settings {
     /// `Redis:TimeoutMs`: connect and per-call timeout.
     pub redis_timeout: Duration,
     pub instance_id: String,
+    /// `Instance:HeartbeatIntervalSeconds` (10) and `Instance:StaleAfterSeconds`
+    /// (60, at least twice the interval): see core ownership.rs.
+    pub heartbeat_interval: Duration,
+    pub stale_after: Duration,
+    /// `Instance:AdvertisedGrpcEndpoint`: where peers forward worker-scoped
+    /// requests to this instance. Empty: derived from the bound gRPC address
+    /// at start (`BindAddress`, or `HOSTNAME` when bound to all interfaces).
+    pub advertised_endpoint: Option<String>,
+    /// `Instance:PeerCaPath`: CA bundle that signs the peers' server
+    /// certificates when forwarding over TLS (default: `Tls:ClientCaPath`).
+    pub peer_ca: Option<PathBuf>,
     /// `Shutdown:DrainTimeoutSeconds`: how long requests in flight may run on
     /// after SIGTERM (and a stopping worker may finish its queued messages).
     pub drain_timeout: Duration,
@@ -846,6 +857,33 @@ pub fn settings(layers: &Layers) -> Result<Settings, Vec<String>> {
         1024,
         64 * 1024 * 1024,
     ) as usize;
+    let heartbeat_interval =
+        Duration::from_secs(r.int("Instance:HeartbeatIntervalSeconds", 10, 1, 300));
+    let stale_after = Duration::from_secs(r.int("Instance:StaleAfterSeconds", 60, 2, 3600));
+    if stale_after < heartbeat_interval * 2 {
+        if let Some(e) = layers.get("Instance:StaleAfterSeconds").cloned() {
+            r.fail(
+                &e,
+                "must be at least twice Instance:HeartbeatIntervalSeconds, or a live instance looks gone",
+            );
+        }
+    }
+    let advertised_endpoint = match layers.get("Instance:AdvertisedGrpcEndpoint").cloned() {
+        Some(e) if !e.value.trim().is_empty() => {
+            let v = e.value.trim().trim_end_matches('/').to_string();
+            match url::Url::parse(&v) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Some(v),
+                _ => {
+                    r.fail(&e, "must be an http:// or https:// URL with a host and port, e.g. https://wm-0.wm:25002");
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+    let peer_ca = layers
+        .get("Instance:PeerCaPath")
+        .map(|e| PathBuf::from(e.value.trim()));
     let instance_id = match layers.get("HOSTNAME") {
         Some(e) if !e.value.trim().is_empty() => e.value.trim().to_string(),
         _ => uuid::Uuid::new_v4().to_string(),
@@ -900,6 +938,10 @@ pub fn settings(layers: &Layers) -> Result<Settings, Vec<String>> {
             redis_url,
             redis_timeout,
             instance_id,
+            heartbeat_interval,
+            stale_after,
+            advertised_endpoint,
+            peer_ca,
             drain_timeout,
             queue_capacity,
             publish_timeout,

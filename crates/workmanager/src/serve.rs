@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::{anyhow, Context, Result};
 use tokio::net::TcpListener;
 use workmanager_api::auth::AuthConfig;
+use workmanager_api::forward::PeerTls;
 use workmanager_api::jwt::JwtVerifier;
 use workmanager_api::server::{serve, ServeOptions};
 use workmanager_api::tls::TlsState;
@@ -15,7 +16,9 @@ use workmanager_backends::{
     RedisStore,
 };
 use workmanager_core::bus::Bus;
-use workmanager_core::{EngineRegistry, Manager, ManagerSettings, Metrics, StateStore};
+use workmanager_core::{
+    ClusterSettings, EngineRegistry, Manager, ManagerSettings, Metrics, StateStore,
+};
 use workmanager_engine_python::{resolve_interpreter, PythonConfig, PythonEngine, SandboxMode};
 use workmanager_fetch::{FetchPolicy, HttpFetcher, SystemResolver};
 
@@ -164,6 +167,15 @@ pub async fn run(settings: Settings, port_file: Option<PathBuf>) -> Result<()> {
             Arc::new(b)
         }
     };
+    let http = bind(&settings, settings.http_port, "HttpPort").await?;
+    let grpc = bind(&settings, settings.grpc_port, "GrpcPort").await?;
+    let http_addr = http.local_addr()?;
+    let grpc_addr = grpc.local_addr()?;
+    tracing::info!(http = %http_addr, grpc = %grpc_addr, instance_id = %settings.instance_id, "listening");
+    if let Some(path) = port_file {
+        write_port_file(&path, http_addr, grpc_addr)?;
+    }
+    let advertised_endpoint = advertised_endpoint(&settings, grpc_addr);
     let manager = Manager::new(
         store,
         bus,
@@ -176,19 +188,16 @@ pub async fn run(settings: Settings, port_file: Option<PathBuf>) -> Result<()> {
             retry_attempts: settings.worker_retry_attempts,
             retry_base_delay: settings.worker_retry_base_delay,
             drain_timeout: settings.drain_timeout,
+            cluster: ClusterSettings {
+                heartbeat_interval: settings.heartbeat_interval,
+                stale_after: settings.stale_after,
+                advertised_endpoint,
+            },
         },
         metrics,
     );
     manager.spawn_lifecycle_publisher();
 
-    let http = bind(&settings, settings.http_port, "HttpPort").await?;
-    let grpc = bind(&settings, settings.grpc_port, "GrpcPort").await?;
-    let http_addr = http.local_addr()?;
-    let grpc_addr = grpc.local_addr()?;
-    tracing::info!(http = %http_addr, grpc = %grpc_addr, instance_id = %settings.instance_id, "listening");
-    if let Some(path) = port_file {
-        write_port_file(&path, http_addr, grpc_addr)?;
-    }
     let auth = build_auth(&settings)?;
     let tls = match &settings.tls {
         Some(files) => {
@@ -228,6 +237,11 @@ pub async fn run(settings: Settings, port_file: Option<PathBuf>) -> Result<()> {
         max_event_bytes: settings.max_event_bytes,
         auth: Arc::new(auth),
         tls,
+        peer_tls: settings.tls.as_ref().map(|files| PeerTls {
+            ca: settings.peer_ca.clone().or_else(|| files.client_ca.clone()),
+            certificate: files.certificate.clone(),
+            key: files.key.clone(),
+        }),
     };
     serve(manager.clone(), grpc, http, opts, shutdown_signal())
         .await
@@ -237,6 +251,34 @@ pub async fn run(settings: Settings, port_file: Option<PathBuf>) -> Result<()> {
     manager.shutdown().await;
     tracing::info!("shutdown complete");
     Ok(())
+}
+
+/// Where peers reach this instance's gRPC port: `Instance:AdvertisedGrpcEndpoint`,
+/// else the bound address (`HOSTNAME` when bound to all interfaces).
+fn advertised_endpoint(settings: &Settings, grpc: std::net::SocketAddr) -> String {
+    if let Some(e) = &settings.advertised_endpoint {
+        return e.clone();
+    }
+    let scheme = if settings.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let ip = grpc.ip();
+    let host = if !ip.is_unspecified() {
+        match ip {
+            std::net::IpAddr::V6(v6) => format!("[{v6}]"),
+            v4 => v4.to_string(),
+        }
+    } else if let Ok(h) = std::env::var("HOSTNAME") {
+        h
+    } else {
+        tracing::warn!(
+            "bound to all interfaces without HOSTNAME or Instance:AdvertisedGrpcEndpoint: peers              cannot forward requests for this instance's workers"
+        );
+        return String::new();
+    };
+    format!("{scheme}://{host}:{}", grpc.port())
 }
 
 async fn build_engines(settings: &Settings, metrics: &Arc<Metrics>) -> Result<EngineRegistry> {
