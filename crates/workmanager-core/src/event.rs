@@ -9,6 +9,9 @@ use crate::model::{now_rfc3339, WorkerId};
 pub const SPEC_VERSION: &str = "1.0";
 pub const UNKNOWN_TYPE: &str = "unknown";
 pub const UNKNOWN_SOURCE: &str = "urn:com.virtufin.workmanager:unknown";
+/// Namespace of the name-based (v5) UUIDs given to outputs without an id.
+const OUTPUT_ID_NAMESPACE: uuid::Uuid =
+    uuid::Uuid::from_u128(0x5b0e_6a1c_93d4_4f2e_b7a8_0c61_d2e9_f374);
 
 /// A CloudEvent in JSON structured form.
 #[derive(Debug, Clone, PartialEq)]
@@ -58,9 +61,19 @@ impl CloudEvent {
                 self.0.insert("correlationid".into(), c.clone());
             }
         }
-        self.0
-            .entry("id")
-            .or_insert_with(|| uuid::Uuid::new_v4().to_string().into());
+        // The output's id follows from the worker and the input's identity
+        // (CloudEvents: source + id), so a message processed again after a
+        // crash yields an output with the same id, which the bus's
+        // duplicate suppression and idempotent consumers drop.
+        if !self.0.contains_key("id") {
+            let name = format!(
+                "{worker}\n{}\n{}",
+                input.get_str("source").unwrap_or(""),
+                input.get_str("id").unwrap_or("")
+            );
+            let id = uuid::Uuid::new_v5(&OUTPUT_ID_NAMESPACE, name.as_bytes());
+            self.0.insert("id".into(), id.to_string().into());
+        }
         self.0
             .entry("specversion")
             .or_insert_with(|| SPEC_VERSION.into());
@@ -86,6 +99,37 @@ mod tests {
 
     fn ev(v: Value) -> CloudEvent {
         CloudEvent::from_input(v)
+    }
+
+    #[test]
+    fn an_output_id_follows_from_the_worker_and_the_input() {
+        let worker = WorkerId::new();
+        let input = ev(json!({"specversion": "1.0", "id": "in-1", "source": "urn:a", "type": "t"}));
+        let out = |input: &CloudEvent, worker: &WorkerId| {
+            let mut o = CloudEvent(json!({"type": "o", "data": 1}).as_object().unwrap().clone());
+            o.complete_output(input, worker);
+            o.get_str("id").unwrap().to_string()
+        };
+        let first = out(&input, &worker);
+        assert_eq!(
+            first,
+            out(&input, &worker),
+            "processing again gives the same id"
+        );
+        let other = ev(json!({"specversion": "1.0", "id": "in-2", "source": "urn:a", "type": "t"}));
+        assert_ne!(first, out(&other, &worker));
+        let elsewhere =
+            ev(json!({"specversion": "1.0", "id": "in-1", "source": "urn:b", "type": "t"}));
+        assert_ne!(first, out(&elsewhere, &worker));
+        assert_ne!(first, out(&input, &WorkerId::new()));
+        let mut own = CloudEvent(
+            json!({"id": "mine", "type": "o"})
+                .as_object()
+                .unwrap()
+                .clone(),
+        );
+        own.complete_output(&input, &worker);
+        assert_eq!(own.get_str("id"), Some("mine"), "a worker's own id is kept");
     }
 
     #[test]

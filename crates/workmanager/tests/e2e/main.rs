@@ -5,6 +5,7 @@ mod common;
 mod backends;
 mod bad_input;
 mod cli;
+mod cluster;
 mod grpc;
 mod logging;
 mod messaging;

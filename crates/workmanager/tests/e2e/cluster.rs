@@ -1,0 +1,354 @@
+//! Several instances on one real redis-server (state and Redis Streams):
+//! forwarding of worker-scoped requests to the owner, the hop guard,
+//! ListWorkers across instances, and the take-over of a killed instance's
+//! workers with every event accounted for.
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tonic::transport::Channel;
+use workmanager_api::pb;
+use workmanager_api::pb::work_manager_client::WorkManagerClient;
+use workmanager_api::pb::WorkerStatus;
+use workmanager_backends::testing::RedisServer;
+use workmanager_core::bus::{Ack, Bus};
+
+use crate::common::*;
+
+const ECHO: &str = "def Process(event):\n    return {'type': 'out', 'data': event['data']}\n";
+
+/// One instance of a cluster: its own directory, `HOSTNAME` = `name`, fast
+/// heartbeats so staleness shows within seconds.
+struct Member {
+    svc: Service,
+    _dir: tempfile::TempDir,
+}
+
+fn cluster_settings(redis: &RedisServer) -> Vec<String> {
+    vec![
+        "StateStore:Type=redis".into(),
+        "PubSub:Type=redis".into(),
+        format!("Redis:Url={}", redis.url()),
+        "Instance:HeartbeatIntervalSeconds=1".into(),
+        "Instance:StaleAfterSeconds=3".into(),
+        "Redis:VisibilityTimeoutSeconds=4".into(),
+    ]
+}
+
+fn member(redis: &RedisServer, name: &str) -> Member {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = cluster_settings(redis);
+    let settings: Vec<&str> = settings.iter().map(String::as_str).collect();
+    let svc = Service::start_env(dir.path(), &settings, &[("HOSTNAME", name)]);
+    Member { svc, _dir: dir }
+}
+
+async fn cluster(redis: &RedisServer) -> (Member, Member, Member) {
+    let (a, b, c) = (
+        member(redis, "inst-a"),
+        member(redis, "inst-b"),
+        member(redis, "inst-c"),
+    );
+    for m in [&a, &b, &c] {
+        m.svc.wait_ready().await;
+    }
+    (a, b, c)
+}
+
+async fn info(c: &mut WorkManagerClient<Channel>, id: &str) -> pb::WorkerInfo {
+    c.get_worker(pb::GetWorkerRequest { id: id.into() })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_reaching_any_instance_are_served_by_the_owner() {
+    let redis = RedisServer::start();
+    let (a, b, c) = cluster(&redis).await;
+    let (mut ga, mut gb, mut gc) = (a.svc.grpc().await, b.svc.grpc().await, c.svc.grpc().await);
+
+    let id = create(&mut ga, &versioned("v1"), true).await;
+    // Read through B: the owner's live view, not a copy from the store.
+    let w = info(&mut gb, &id).await;
+    assert_eq!(
+        (w.instance_id.as_str(), w.status()),
+        ("inst-a", WorkerStatus::Running)
+    );
+
+    // Stop via B, seen by A.
+    gb.stop_worker(pb::StopWorkerRequest { id: id.clone() })
+        .await
+        .unwrap();
+    assert_eq!(status(&mut ga, &id).await, WorkerStatus::Stopped);
+    // Hot reload and tags via C, start via B, invoke via C.
+    gc.load_code_from_content(pb::LoadCodeFromContentRequest {
+        id: id.clone(),
+        content: versioned("v2").into_bytes(),
+    })
+    .await
+    .unwrap();
+    gc.set_tags(pb::SetTagsRequest {
+        id: id.clone(),
+        tags: [("desk".to_string(), "fx".to_string())].into(),
+    })
+    .await
+    .unwrap();
+    gb.start_worker(pb::StartWorkerRequest { id: id.clone() })
+        .await
+        .unwrap();
+    assert_eq!(
+        invoke(&mut gc, &id, json!(7)).await.unwrap()["data"]["version"],
+        "v2"
+    );
+    let tags = gb
+        .get_tags(pb::GetTagsRequest { id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .tags;
+    assert_eq!(tags.get("desk").map(String::as_str), Some("fx"));
+    let history = gc
+        .get_worker_history(pb::GetWorkerHistoryRequest { id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(history.entries.len(), 2);
+    // REST on B reaches A too.
+    let http = reqwest::Client::new();
+    let r: serde_json::Value = http
+        .post(b.svc.url(&format!("/v1/workers/{id}/invoke")))
+        .json(&json!({"event": {"specversion": "1.0", "id": "x1", "source": "urn:t", "type": "in", "data": 1}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["event"]["data"]["version"], "v2", "{r}");
+    // Every instance lists every worker with its owner.
+    let other = create(&mut gc, ECHO, false).await;
+    for g in [&mut ga, &mut gb, &mut gc] {
+        let list = g
+            .list_workers(pb::ListWorkersRequest { filters: vec![] })
+            .await
+            .unwrap()
+            .into_inner()
+            .workers;
+        let owners: BTreeMap<String, String> =
+            list.into_iter().map(|w| (w.id, w.instance_id)).collect();
+        assert_eq!(owners.get(&id).map(String::as_str), Some("inst-a"));
+        assert_eq!(owners.get(&other).map(String::as_str), Some("inst-c"));
+    }
+    // All of it happened on A: one owner, no copy elsewhere.
+    assert!(
+        a.svc.logs().contains("\"LoadCodeFromContent\""),
+        "audited at the owner"
+    );
+
+    // The hop guard: a request that says it was forwarded is not forwarded again.
+    let mut req = tonic::Request::new(pb::GetWorkerRequest { id: id.clone() });
+    req.metadata_mut()
+        .insert("x-workmanager-forwarded-by", "inst-x".parse().unwrap());
+    let err = gb.get_worker(req).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable);
+    assert!(
+        err.message().contains("already forwarded"),
+        "{}",
+        err.message()
+    );
+
+    // A worker on A receives what is published through C.
+    let mut out = gb
+        .subscribe(pb::SubscribeRequest {
+            topic: "out".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let echo = create(&mut ga, ECHO, true).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let r = http
+        .post(c.svc.url("/v1/topics/in"))
+        .header("content-type", "application/cloudevents+json")
+        .json(&json!({"specversion": "1.0", "id": "via-c", "source": "urn:t", "type": "in", "data": 42}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    use tokio_stream::StreamExt;
+    // (The versioned worker listens on "in" too; its output is skipped.)
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(20), out.next())
+            .await
+            .expect("the output arrives")
+            .unwrap()
+            .unwrap();
+        let e = workmanager_api::convert::event_from_proto(m.event.unwrap()).unwrap();
+        if e.0["data"] == 42 {
+            break;
+        }
+    }
+    let w = info(&mut gc, &echo).await;
+    assert_eq!(
+        (w.instance_id.as_str(), w.messages_processed),
+        ("inst-a", 1)
+    );
+
+    // Delete via C: gone everywhere.
+    gc.delete_worker(pb::DeleteWorkerRequest { id: id.clone() })
+        .await
+        .unwrap();
+    for g in [&mut ga, &mut gb] {
+        let err = g
+            .get_worker(pb::GetWorkerRequest { id: id.clone() })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::NotFound);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_instance_s_workers_are_taken_over_and_every_event_ends_up_once() {
+    const EVENTS: usize = 10_000;
+    let redis = RedisServer::start();
+    let (mut a, b, c) = cluster(&redis).await;
+    let mut ga = a.svc.grpc().await;
+    let mut gb = b.svc.grpc().await;
+    let mut ids = Vec::new();
+    for topic in ["k1", "k2"] {
+        let mut req = create_req(ECHO, true);
+        req.topics = vec![topic.into()];
+        ids.push(ga.create_worker(req).await.unwrap().into_inner().id);
+    }
+
+    // The test's own consumer groups count outputs and dead letters.
+    let bus = workmanager_backends::RedisBus::connect(
+        &redis.url(),
+        workmanager_backends::RedisBusSettings {
+            stream_max_len: 1_000_000,
+            visibility_timeout: Duration::from_secs(60),
+            dedup_window: Duration::from_secs(600),
+            capacity: 4096,
+            consumer: "counter".into(),
+        },
+    )
+    .await
+    .unwrap();
+    let mut outputs = bus
+        .subscribe(
+            &["out".into(), "k1-dead".into(), "k2-dead".into()],
+            "test-counter",
+        )
+        .await
+        .unwrap()
+        .receiver;
+    let publisher = tokio::spawn(async move {
+        for chunk in (0..EVENTS).collect::<Vec<_>>().chunks(500) {
+            for (topic, parity) in [("k1", 0), ("k2", 1)] {
+                let events = chunk
+                    .iter()
+                    .filter(|i| *i % 2 == parity)
+                    .map(|i| {
+                        workmanager_core::CloudEvent::from_input(json!({
+                            "specversion": "1.0", "id": format!("e-{i}"), "source": "urn:load",
+                            "type": "in", "data": i
+                        }))
+                    })
+                    .collect();
+                bus.publish_many(topic, events).await.unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        bus
+    });
+
+    // Output id -> input number; dead letters by input number.
+    let mut by_id: BTreeMap<String, i64> = BTreeMap::new();
+    let mut dead: BTreeSet<i64> = BTreeSet::new();
+    let mut received = 0usize;
+    let mut killed_at = None;
+    let mut take_over = None;
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while by_id.len() + dead.len() < EVENTS {
+        assert!(
+            Instant::now() < deadline,
+            "{} outputs and {} dead letters of {EVENTS}",
+            by_id.len(),
+            dead.len()
+        );
+        if killed_at.is_none() && by_id.len() >= 1_500 {
+            a.svc.kill9();
+            killed_at = Some(Instant::now());
+            // How long until B or C runs both workers.
+            let (mut g, ids) = (gb.clone(), ids.clone());
+            take_over = Some(tokio::spawn(async move {
+                let started = Instant::now();
+                loop {
+                    let mut all = true;
+                    for id in &ids {
+                        let w = info(&mut g, id).await;
+                        all &= w.instance_id != "inst-a" && w.status() == WorkerStatus::Running;
+                    }
+                    if all || started.elapsed() > Duration::from_secs(120) {
+                        return started.elapsed();
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }));
+        }
+        let Ok(Some(d)) = tokio::time::timeout(Duration::from_secs(5), outputs.recv()).await else {
+            continue;
+        };
+        received += 1;
+        let n = d.event.0["data"].as_i64().expect("numeric data");
+        if d.topic.ends_with("-dead") {
+            dead.insert(n);
+        } else {
+            let id = d.event.get_str("id").unwrap().to_string();
+            if let Some(prev) = by_id.insert(id, n) {
+                assert_eq!(prev, n, "one id, one input");
+            }
+        }
+        d.ack(Ack::Done);
+    }
+    killed_at.expect("A was killed under load");
+    let bus = publisher.await.unwrap();
+    drop(bus);
+
+    // Taken over by B or C, within a minute, and running.
+    for id in &ids {
+        let w = info(&mut gb, id).await;
+        assert!(
+            w.instance_id == "inst-b" || w.instance_id == "inst-c",
+            "owner {}",
+            w.instance_id
+        );
+        assert_eq!(w.status(), WorkerStatus::Running);
+    }
+    let took = take_over.expect("polled").await.unwrap();
+    assert!(
+        took <= Duration::from_secs(60),
+        "taken over {took:?} after the kill; the bound is 60 s"
+    );
+    let took_over = [&b, &c]
+        .iter()
+        .any(|m| m.svc.logs().contains("took the worker over"));
+    assert!(took_over, "the take-over is logged");
+
+    // Every input exactly once: as one output id or as a dead letter.
+    let inputs: BTreeSet<i64> = by_id
+        .values()
+        .copied()
+        .chain(dead.iter().copied())
+        .collect();
+    assert_eq!(inputs.len(), EVENTS, "every event accounted for");
+    assert_eq!(by_id.len() + dead.len(), EVENTS, "and none twice");
+    assert_eq!(inputs, (0..EVENTS as i64).collect());
+    eprintln!(
+        "{} outputs, {} dead letters, {} deliveries to the counter",
+        by_id.len(),
+        dead.len(),
+        received
+    );
+}
