@@ -23,6 +23,7 @@ use crate::error::ApiError;
 use crate::grpc::WorkManagerService;
 use crate::pb;
 use crate::pb::work_manager_server::WorkManager;
+use workmanager_core::CircuitState;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -162,9 +163,19 @@ async fn health(State(s): State<AppState>) -> Response {
     } else {
         check("Degraded", "recovery in progress")
     };
+    let circuits = [
+        ("statestore", store.circuit()),
+        ("pubsub", s.manager().bus_circuit()),
+    ];
+    let all_closed = circuits.iter().all(|(_, c)| *c == CircuitState::Closed);
+    let circuit_desc = circuits
+        .iter()
+        .map(|(b, c)| format!("{b} {}", c.as_str()))
+        .collect::<Vec<_>>()
+        .join(", ");
     let overall = if store_status == "Unhealthy" {
         "Unhealthy"
-    } else if !s.manager().is_ready() {
+    } else if !s.manager().is_ready() || !all_closed {
         "Degraded"
     } else {
         "Healthy"
@@ -175,8 +186,8 @@ async fn health(State(s): State<AppState>) -> Response {
         "checks": {
             "recovery": recovery,
             "statestore": check(store_status, store_desc),
-            "pubsub": check("Healthy", format!("{} bus (in process)", s.manager().bus_name())),
-            "circuit": check("Healthy", "closed"),
+            "pubsub": check("Healthy", format!("{} bus", s.manager().bus_name())),
+            "circuit": check(if all_closed { "Healthy" } else { "Degraded" }, circuit_desc),
             "sandbox": sandbox_check(s.manager()),
         }
     });

@@ -8,6 +8,7 @@ pub mod embedded_bus;
 pub mod nats_bus;
 mod readers;
 pub mod redis_bus;
+mod redis_conn;
 pub mod redis_store;
 #[cfg(test)]
 mod store_suite;

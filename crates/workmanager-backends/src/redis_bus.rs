@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::{ConnectionManager, MultiplexedConnection};
+use redis::aio::MultiplexedConnection;
 use redis::streams::{
     StreamAutoClaimOptions, StreamAutoClaimReply, StreamReadOptions, StreamReadReply,
 };
@@ -29,6 +29,7 @@ use workmanager_core::bus::{Ack, Acker, Bus, BusError, Delivery, Subscription};
 use workmanager_core::CloudEvent;
 
 use crate::readers::{GroupHandle, Readers};
+use crate::redis_conn::Healing;
 
 /// Messages read per `XREADGROUP` (the dispatcher then pipelines them to
 /// the worker 64 at a time).
@@ -55,7 +56,8 @@ pub struct RedisBusSettings {
 
 pub struct RedisBus {
     client: redis::Client,
-    conn: ConnectionManager,
+    /// Publishes, acknowledgements, group creation, duplicate checks.
+    conn: Healing,
     settings: RedisBusSettings,
     readers: Readers,
 }
@@ -113,7 +115,7 @@ impl Acker for StreamAck {
 
 /// Sends acknowledgements in batches until every sender is gone.
 async fn ack_task(
-    mut conn: ConnectionManager,
+    conn: Healing,
     group: String,
     mut rx: mpsc::UnboundedReceiver<(Arc<str>, String)>,
 ) {
@@ -138,7 +140,12 @@ async fn ack_task(
                 .arg(ids)
                 .ignore();
         }
-        if let Err(e) = pipe.query_async::<()>(&mut conn).await {
+        let sent = conn
+            .run("XACK", |mut c| async move {
+                pipe.query_async::<()>(&mut c).await
+            })
+            .await;
+        if let Err(e) = sent {
             tracing::warn!(error = %e, group, "XACK failed; those messages will be redelivered");
         }
     }
@@ -155,7 +162,7 @@ struct Entry {
 struct Reader {
     client: redis::Client,
     conn: MultiplexedConnection,
-    control: ConnectionManager,
+    control: Healing,
     acks: mpsc::UnboundedSender<(Arc<str>, String)>,
     group: String,
     /// (stream key, topic)
@@ -210,7 +217,7 @@ impl Reader {
                 Err(e) => {
                     if e.to_string().contains("NOGROUP") {
                         for (stream, _) in &self.topics {
-                            create_group(&mut self.control, stream, &self.group).await;
+                            create_group(&self.control, stream, &self.group).await;
                         }
                     } else {
                         tracing::warn!(error = %e, group = %self.group, "XREADGROUP failed; reconnecting");
@@ -303,7 +310,14 @@ impl Reader {
                 .arg("EX")
                 .arg(window);
         }
-        match pipe.query_async(&mut self.control).await {
+        let checked = self
+            .control
+            .run(
+                "SET NX",
+                |mut c| async move { pipe.query_async(&mut c).await },
+            )
+            .await;
+        match checked {
             Ok(v) => v,
             Err(err) => {
                 tracing::debug!(error = %err, "duplicate check failed; delivering all");
@@ -352,10 +366,14 @@ async fn reconnect(client: &redis::Client) -> Option<MultiplexedConnection> {
         .ok()
 }
 
-async fn create_group(conn: &mut ConnectionManager, stream: &str, group: &str) {
+async fn create_group(conn: &Healing, stream: &str, group: &str) {
     // "$": a new worker starts with new messages; an existing group resumes
     // where it stopped (messages published meanwhile included).
-    let r: redis::RedisResult<()> = conn.xgroup_create_mkstream(stream, group, "$").await;
+    let r: Result<(), String> = conn
+        .run("XGROUP CREATE", |mut c| async move {
+            c.xgroup_create_mkstream(stream, group, "$").await
+        })
+        .await;
     if let Err(e) = r {
         if !e.to_string().contains("BUSYGROUP") {
             tracing::warn!(error = %e, stream, group, "XGROUP CREATE failed");
@@ -393,18 +411,22 @@ impl Bus for RedisBus {
                 .arg(Self::encode(e)?)
                 .ignore();
         }
-        let mut conn = self.conn.clone();
-        pipe.query_async::<()>(&mut conn).await.map_err(unavailable)
+        self.conn
+            .run("XADD", |mut c| async move {
+                pipe.query_async::<()>(&mut c).await
+            })
+            .await
+            .map_err(BusError::Unavailable)
     }
 
     async fn subscribe(&self, topics: &[String], group: &str) -> Result<Subscription, BusError> {
-        let mut control = self.conn.clone();
+        let control = self.conn.clone();
         let streams: Vec<(Arc<str>, Arc<str>)> = topics
             .iter()
             .map(|t| (Arc::from(stream_key(t)), Arc::from(t.as_str())))
             .collect();
         for (s, _) in &streams {
-            create_group(&mut control, s, group).await;
+            create_group(&control, s, group).await;
         }
         let (ack_tx, ack_rx) = mpsc::unbounded_channel();
         tokio::spawn(ack_task(self.conn.clone(), group.to_string(), ack_rx));

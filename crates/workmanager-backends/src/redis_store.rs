@@ -6,15 +6,16 @@
 //! precondition first and writes only if all hold, so a commit applies
 //! whole or not at all and concurrent writers are serialised by version
 //! (compare-and-swap). A sorted set of all keys (`INDEX`) answers prefix
-//! listings without `SCAN`. The connection reconnects by itself; every call
-//! has a timeout. Durability is the server's: run it with `appendonly yes`
+//! listings without `SCAN`. Every call has a timeout; the connection is
+//! opened again after a failure (redis_conn.rs). Durability is the server's: run it with `appendonly yes`
 //! (`appendfsync everysec` or `always`) for writes to survive its crash.
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 use workmanager_core::store::Version;
+
+use crate::redis_conn::Healing;
 use workmanager_core::{Precondition, StateStore, StoreError, Versioned, WriteOp};
 
 /// Sorted set (all scores 0, ordered by name) of every stored key.
@@ -50,9 +51,8 @@ return out
 "#;
 
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: Healing,
     commit: Script,
-    timeout: Duration,
 }
 
 impl RedisStore {
@@ -65,55 +65,38 @@ impl RedisStore {
         let s = Self {
             conn,
             commit: Script::new(COMMIT),
-            timeout,
         };
         s.ping().await?;
         Ok(s)
     }
 
-    async fn timed<T>(
-        &self,
-        what: &str,
-        f: impl std::future::Future<Output = redis::RedisResult<T>>,
-    ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.timeout, f).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(StoreError::Unavailable(format!("Redis {what} failed: {e}"))),
-            Err(_) => Err(StoreError::Unavailable(format!(
-                "Redis {what} took longer than {} ms",
-                self.timeout.as_millis()
-            ))),
-        }
+    async fn timed<T, F, Fut>(&self, what: &str, f: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(redis::aio::MultiplexedConnection) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        self.conn
+            .run(what, f)
+            .await
+            .map_err(StoreError::Unavailable)
     }
 }
 
-/// Opens a client and a reconnecting connection to `url`, for the store and
-/// the bus alike. A plain connection is tried first: the reconnecting one
-/// retries forever on refused credentials, this says so at once, naming the
-/// setting to fix and never the password.
+/// Opens a client and the shared healing connection to `url`, for the
+/// store and the bus alike. The first connection is made here so refused
+/// credentials are reported at once, naming the setting to fix and never
+/// the password.
 pub(crate) async fn connect(
     url: &str,
     timeout: Duration,
-) -> Result<(redis::Client, ConnectionManager), String> {
+) -> Result<(redis::Client, Healing), String> {
     let client = redis::Client::open(url)
         .map_err(|e| format!("Redis:Url is not a usable Redis URL: {e}"))?;
-    let silent = || format!("Redis at {} did not answer", redact(url));
-    tokio::time::timeout(timeout, client.get_multiplexed_async_connection())
+    let first = tokio::time::timeout(timeout, client.get_multiplexed_async_connection())
         .await
-        .map_err(|_| silent())?
+        .map_err(|_| format!("Redis at {} did not answer", redact(url)))?
         .map_err(|e| describe(url, &e))?;
-    let config = redis::aio::ConnectionManagerConfig::new()
-        .set_connection_timeout(timeout)
-        .set_response_timeout(timeout)
-        .set_number_of_retries(2);
-    let conn = tokio::time::timeout(
-        timeout * 2,
-        client.get_connection_manager_with_config(config),
-    )
-    .await
-    .map_err(|_| silent())?
-    .map_err(|e| describe(url, &e))?;
-    Ok((client, conn))
+    Ok((client.clone(), Healing::new(client, first, timeout)))
 }
 
 /// The URL without its password, for messages.
@@ -157,9 +140,8 @@ impl StateStore for RedisStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        let mut c = self.conn.clone();
         let _: String = self
-            .timed("PING", async move {
+            .timed("PING", |mut c| async move {
                 redis::cmd("PING").query_async(&mut c).await
             })
             .await?;
@@ -167,9 +149,11 @@ impl StateStore for RedisStore {
     }
 
     async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
-        let mut c = self.conn.clone();
         let (v, d): (Option<u64>, Option<Vec<u8>>) = self
-            .timed("HMGET", async move { c.hget(key, &["v", "d"]).await })
+            .timed(
+                "HMGET",
+                |mut c| async move { c.hget(key, &["v", "d"]).await },
+            )
             .await?;
         match (v, d) {
             (Some(version), Some(value)) => Ok(Some(Versioned { value, version })),
@@ -198,9 +182,11 @@ impl StateStore for RedisStore {
             inv.key(key).arg(kind).arg(p).arg(expected).arg(value);
         }
         inv.key(INDEX);
-        let mut c = self.conn.clone();
         let reply: redis::Value = self
-            .timed("commit", async move { inv.invoke_async(&mut c).await })
+            .timed(
+                "commit",
+                |mut c| async move { inv.invoke_async(&mut c).await },
+            )
             .await?;
         let items = match reply {
             redis::Value::Array(items) => items,
@@ -230,13 +216,12 @@ impl StateStore for RedisStore {
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
-        let mut c = self.conn.clone();
         let min = format!("[{prefix}");
         // 0xFF never appears in UTF-8: every key with the prefix sorts below.
         let mut max = format!("[{prefix}").into_bytes();
         max.push(0xff);
         let keys: Vec<String> = self
-            .timed("ZRANGEBYLEX", async move {
+            .timed("ZRANGEBYLEX", |mut c| async move {
                 redis::cmd("ZRANGEBYLEX")
                     .arg(INDEX)
                     .arg(min)
@@ -309,6 +294,38 @@ mod tests {
             }
         };
         assert_eq!(got.unwrap().value, b"v");
+    }
+
+    #[tokio::test]
+    async fn the_connection_comes_back_after_a_long_outage() {
+        let (mut r, s) = store().await;
+        s.put("k", b"v".to_vec(), Precondition::None).await.unwrap();
+        r.stop();
+        let down = std::time::Instant::now();
+        while down.elapsed() < Duration::from_secs(8) {
+            // Callers give up on their own timeout too (the breaker does).
+            let r = tokio::time::timeout(Duration::from_millis(500), s.get("k")).await;
+            assert!(
+                !matches!(r, Ok(Ok(_))),
+                "no answer while the server is down"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        r.start_again();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            match tokio::time::timeout(Duration::from_millis(500), s.get("k")).await {
+                Ok(Ok(v)) => {
+                    assert_eq!(v.unwrap().value, b"v");
+                    break;
+                }
+                other => assert!(
+                    std::time::Instant::now() < deadline,
+                    "still failing 20 s after the restart: {other:?}"
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     #[tokio::test]

@@ -49,8 +49,18 @@ impl RedisServer {
     /// Stops the server (SIGKILL) and starts it again on the same port and
     /// data directory.
     pub fn restart(&mut self) {
+        self.stop();
+        self.start_again();
+    }
+
+    /// Kills the server (SIGKILL); `start_again` brings it back.
+    pub fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Starts the server again on the same port and data directory.
+    pub fn start_again(&mut self) {
         self.child = spawn(
             self.port,
             &self.dir.path().to_path_buf(),

@@ -90,4 +90,10 @@ pub trait Bus: Send + Sync {
 
     /// Messages waiting for `group`, across its topics (a gauge).
     fn queue_depth(&self, group: &str) -> usize;
+
+    /// The circuit breaker in front of the bus (see resilience.rs); a bus
+    /// without one is always closed.
+    fn circuit(&self) -> crate::resilience::CircuitState {
+        crate::resilience::CircuitState::Closed
+    }
 }

@@ -98,6 +98,15 @@ impl Manager {
                     Err(_) => break,
                 }
             }
+            if self.inner.bus.circuit() == crate::resilience::CircuitState::Open {
+                // The bus is failing: outputs could not go out, so the
+                // inputs go back for redelivery, unprocessed.
+                for d in pending.drain(..) {
+                    d.ack(Ack::Retry);
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                continue;
+            }
             let mut batch = Vec::with_capacity(pending.len());
             for d in pending.drain(..) {
                 if d.event.get_str("type") == Some(PROBE_TYPE) {
@@ -162,36 +171,57 @@ impl Manager {
         rest.collect()
     }
 
-    /// Publishes the outputs of settled messages, then acknowledges them.
+    /// Publishes the outputs of settled messages, then acknowledges them:
+    /// each run of one destination in one `publish_many`; the inputs of a
+    /// run whose publish failed go back for redelivery (their outputs get
+    /// the same ids again, so nothing is lost and duplicates are dropped).
     async fn flush(&self, slot: &Slot, outbox: Vec<(Option<(String, CloudEvent)>, Delivery)>) {
         let mut run: Vec<CloudEvent> = Vec::new();
         let mut run_topic: Option<String> = None;
-        let mut acks = Vec::with_capacity(outbox.len());
+        let mut run_inputs: Vec<Delivery> = Vec::with_capacity(outbox.len());
         for (out, delivery) in outbox {
-            acks.push(delivery);
-            let Some((dest, event)) = out else { continue };
-            if run_topic.as_deref() != Some(dest.as_str()) {
-                if let Some(t) = run_topic.take() {
-                    self.publish_many_or_warn(&t, std::mem::take(&mut run), slot.id.as_str())
-                        .await;
+            if let Some((dest, event)) = out {
+                if run_topic.as_deref() != Some(dest.as_str()) {
+                    self.publish_run(
+                        slot,
+                        run_topic.take(),
+                        std::mem::take(&mut run),
+                        std::mem::take(&mut run_inputs),
+                    )
+                    .await;
+                    run_topic = Some(dest);
                 }
-                run_topic = Some(dest);
+                run.push(event);
             }
-            run.push(event);
+            run_inputs.push(delivery);
         }
-        if let Some(t) = run_topic {
-            self.publish_many_or_warn(&t, run, slot.id.as_str()).await;
-        }
-        for d in acks {
-            d.ack(Ack::Done);
-        }
+        self.publish_run(slot, run_topic, run, run_inputs).await;
     }
 
-    async fn publish_many_or_warn(&self, topic: &str, events: Vec<CloudEvent>, worker: &str) {
-        let n = events.len();
-        if let Err(e) = self.inner.bus.publish_many(topic, events).await {
-            let e = self.bus_error(topic, e);
-            tracing::warn!(worker_id = %worker, topic, outputs = n, error = %e, "could not publish a worker's outputs");
+    async fn publish_run(
+        &self,
+        slot: &Slot,
+        topic: Option<String>,
+        events: Vec<CloudEvent>,
+        inputs: Vec<Delivery>,
+    ) {
+        let outcome = match topic {
+            Some(t) if !events.is_empty() => {
+                let n = events.len();
+                match self.inner.bus.publish_many(&t, events).await {
+                    Ok(()) => Ack::Done,
+                    Err(e) => {
+                        let e = self.bus_error(&t, e);
+                        tracing::warn!(worker_id = %slot.id, topic = %t, outputs = n, error = %e,
+                            "could not publish a worker's outputs; its inputs go back for redelivery");
+                        Ack::Retry
+                    }
+                }
+            }
+            _ => Ack::Done,
+        };
+        for d in inputs {
+            d.ack(outcome);
         }
     }
 
@@ -349,6 +379,11 @@ impl Manager {
     /// The bus backend's name, for health and logs.
     pub fn bus_name(&self) -> &'static str {
         self.inner.bus.name()
+    }
+
+    /// The bus's circuit breaker (always closed for the embedded bus).
+    pub fn bus_circuit(&self) -> crate::resilience::CircuitState {
+        self.inner.bus.circuit()
     }
 
     /// A live feed of a topic (observers: gRPC Subscribe, SSE).

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod model;
 pub mod ownership;
 mod recovery;
+pub mod resilience;
 pub mod store;
 
 pub use audit::RequestContext;
@@ -30,4 +31,5 @@ pub use metrics::Metrics;
 pub use model::{CodeInput, WorkerId, WorkerRecord, WorkerStatus};
 pub use ownership::{ClusterSettings, Route};
 pub use recovery::RecoverySettings;
+pub use resilience::{CircuitState, ResilienceSettings, ResilientBus, ResilientStore};
 pub use store::{Precondition, StateStore, StoreError, Versioned, WriteOp};

@@ -246,6 +246,22 @@ impl Manager {
                 .get_or_create(&crate::metrics::WorkerLabels { worker })
                 .set(depth as i64);
         }
+        for (backend, state) in [
+            ("statestore", self.inner.store.circuit()),
+            ("pubsub", self.inner.bus.circuit()),
+        ] {
+            self.inner
+                .metrics
+                .circuit
+                .get_or_create(&crate::metrics::BackendLabels {
+                    backend: backend.into(),
+                })
+                .set(match state {
+                    crate::resilience::CircuitState::Closed => 0,
+                    crate::resilience::CircuitState::Open => 1,
+                    crate::resilience::CircuitState::HalfOpen => 2,
+                });
+        }
         for (status, n) in counts {
             self.inner
                 .metrics

@@ -36,6 +36,11 @@ pub struct WorkerLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    pub backend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TopicLabels {
     pub topic: String,
 }
@@ -86,6 +91,11 @@ pub struct Metrics {
     pub queue_depth: Family<WorkerLabels, Gauge>,
     /// Publishes refused because a consumer's queue stayed full.
     pub backpressure: Family<TopicLabels, Counter>,
+    /// Circuit breaker per backend (statestore, pubsub): 0 closed, 1 open,
+    /// 2 half-open; refreshed before rendering.
+    pub circuit: Family<BackendLabels, Gauge>,
+    /// Buffered publishes dropped (oldest first) while the bus was down.
+    pub publish_buffer_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -146,8 +156,22 @@ impl Metrics {
             "Publishes refused because a consumer stayed behind",
             backpressure.clone(),
         );
+        let circuit = Family::<BackendLabels, Gauge>::default();
+        registry.register(
+            "circuit_state",
+            "Circuit breaker per backend: 0 closed, 1 open, 2 half-open",
+            circuit.clone(),
+        );
+        let publish_buffer_dropped = Counter::default();
+        registry.register(
+            "publish_buffer_dropped",
+            "Publishes dropped from the full buffer while the bus's circuit was open",
+            publish_buffer_dropped.clone(),
+        );
         Self {
             registry,
+            circuit,
+            publish_buffer_dropped,
             messages,
             queue_depth,
             backpressure,

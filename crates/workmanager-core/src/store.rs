@@ -68,6 +68,12 @@ pub trait StateStore: Send + Sync {
     /// Keys starting with `prefix`, in order.
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError>;
 
+    /// The circuit breaker in front of the store (see resilience.rs); a
+    /// store without one is always closed.
+    fn circuit(&self) -> crate::resilience::CircuitState {
+        crate::resilience::CircuitState::Closed
+    }
+
     async fn put(
         &self,
         key: &str,

@@ -84,9 +84,8 @@ pub enum LogFormat {
     Text,
 }
 
-/// Typed settings. The `Resilience:*` ones are validated now (a malformed
-/// value fails start-up) but consumed by the circuit breaker that arrives
-/// with several instances on a shared backend.
+/// Typed settings. `Resilience:*` apply to the networked store and bus
+/// (core resilience.rs).
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub bind_address: IpAddr,
@@ -127,13 +126,9 @@ pub struct Settings {
     pub worker_retry_attempts: u32,
     pub worker_retry_base_delay: Duration,
     pub recovery: RecoverySettings,
-    #[allow(dead_code)] // Resilience:*, see above
     pub resilience_retry_attempts: u32,
-    #[allow(dead_code)] // Resilience:*, see above
     pub resilience_retry_base_delay: Duration,
-    #[allow(dead_code)] // Resilience:*, see above
     pub circuit_breaker_threshold: u32,
-    #[allow(dead_code)] // Resilience:*, see above
     pub circuit_breaker_duration: Duration,
     pub state_store_path: PathBuf,
     /// `StateStore:Type`: embedded (default) or redis.

@@ -17,7 +17,8 @@ use workmanager_backends::{
 };
 use workmanager_core::bus::Bus;
 use workmanager_core::{
-    ClusterSettings, EngineRegistry, Manager, ManagerSettings, Metrics, StateStore,
+    ClusterSettings, EngineRegistry, Manager, ManagerSettings, Metrics, ResilienceSettings,
+    ResilientBus, ResilientStore, StateStore,
 };
 use workmanager_engine_python::{resolve_interpreter, PythonConfig, PythonEngine, SandboxMode};
 use workmanager_fetch::{FetchPolicy, HttpFetcher, SystemResolver};
@@ -107,6 +108,15 @@ pub async fn run(settings: Settings, port_file: Option<PathBuf>) -> Result<()> {
     let metrics = Arc::new(Metrics::new());
     let engines = build_engines(&settings, &metrics).await?;
 
+    let resilience = ResilienceSettings {
+        retry_attempts: settings.resilience_retry_attempts,
+        retry_base_delay: settings.resilience_retry_base_delay,
+        breaker_threshold: settings.circuit_breaker_threshold,
+        breaker_duration: settings.circuit_breaker_duration,
+        call_timeout: settings.redis_timeout,
+    };
+    // Networked backends get retries and a circuit breaker (resilience.rs);
+    // the embedded ones fail only with the disk.
     let store: Arc<dyn StateStore> = match settings.state_store {
         StoreKind::Embedded => {
             let s = EmbeddedStore::open(&settings.state_store_path).map_err(|e| {
@@ -120,7 +130,7 @@ pub async fn run(settings: Settings, port_file: Option<PathBuf>) -> Result<()> {
                 .await
                 .map_err(|e| anyhow!("{e} (StateStore:Type=redis, Redis:Url)"))?;
             tracing::info!("Redis state store connected");
-            Arc::new(s)
+            Arc::new(ResilientStore::new(Arc::new(s), resilience.clone()))
         }
     };
 
@@ -144,7 +154,11 @@ pub async fn run(settings: Settings, port_file: Option<PathBuf>) -> Result<()> {
             .await
             .map_err(|e| anyhow!("{e} (PubSub:Type=redis, Redis:Url)"))?;
             tracing::info!("Redis Streams bus connected");
-            Arc::new(b)
+            ResilientBus::new(
+                Arc::new(b),
+                resilience.clone(),
+                metrics.publish_buffer_dropped.clone(),
+            )
         }
         BusKind::Nats => {
             let b = NatsBus::connect(
@@ -164,7 +178,13 @@ pub async fn run(settings: Settings, port_file: Option<PathBuf>) -> Result<()> {
             .await
             .map_err(|e| anyhow!("{e} (PubSub:Type=nats)"))?;
             tracing::info!("NATS JetStream bus connected");
-            Arc::new(b)
+            // JetStream answers a publish once stored: allow it a little
+            // longer than a Redis call.
+            let nats = ResilienceSettings {
+                call_timeout: std::time::Duration::from_secs(5),
+                ..resilience.clone()
+            };
+            ResilientBus::new(Arc::new(b), nats, metrics.publish_buffer_dropped.clone())
         }
     };
     let http = bind(&settings, settings.http_port, "HttpPort").await?;

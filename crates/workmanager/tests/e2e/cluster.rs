@@ -352,3 +352,154 @@ async fn a_killed_instance_s_workers_are_taken_over_and_every_event_ends_up_once
         received
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redis_restart_mid_stream_opens_the_breaker_buffers_and_loses_nothing() {
+    const EVENTS: i64 = 1_000;
+    let mut redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = cluster_settings(&redis);
+    settings.extend([
+        "Resilience:RetryAttempts=1".to_string(),
+        "Resilience:RetryBaseDelayMs=50".to_string(),
+        "Resilience:CircuitBreakerThreshold=3".to_string(),
+        "Resilience:CircuitBreakerDurationSeconds=5".to_string(),
+    ]);
+    let settings: Vec<&str> = settings.iter().map(String::as_str).collect();
+    let svc = Service::start(dir.path(), &settings);
+    svc.wait_ready().await;
+    let mut g = svc.grpc().await;
+    let mut req = create_req(ECHO, true);
+    req.topics = vec!["r-in".into()];
+    g.create_worker(req).await.unwrap();
+
+    let counter = workmanager_backends::RedisBus::connect(
+        &redis.url(),
+        workmanager_backends::RedisBusSettings {
+            stream_max_len: 1_000_000,
+            visibility_timeout: Duration::from_secs(3),
+            dedup_window: Duration::from_secs(600),
+            capacity: 4096,
+            consumer: "counter".into(),
+        },
+    )
+    .await
+    .unwrap();
+    let mut outputs = counter
+        .subscribe(&["out".into()], "test-counter")
+        .await
+        .unwrap()
+        .receiver;
+    let events: Vec<_> = (0..EVENTS)
+        .map(|i| {
+            workmanager_core::CloudEvent::from_input(json!({
+                "specversion": "1.0", "id": format!("r-{i}"), "source": "urn:load", "type": "in", "data": i
+            }))
+        })
+        .collect();
+    counter.publish_many("r-in", events).await.unwrap();
+
+    let mut seen: BTreeMap<String, i64> = BTreeMap::new();
+    let collect = |d: workmanager_core::bus::Delivery, seen: &mut BTreeMap<String, i64>| {
+        let n = d.event.0["data"].as_i64().expect("numeric data");
+        seen.insert(d.event.get_str("id").unwrap().to_string(), n);
+        d.ack(Ack::Done);
+    };
+    while seen.len() < 200 {
+        let d = tokio::time::timeout(Duration::from_secs(20), outputs.recv())
+            .await
+            .expect("outputs flow")
+            .unwrap();
+        collect(d, &mut seen);
+    }
+
+    // Redis goes away mid-stream.
+    redis.stop();
+    let http = reqwest::Client::new();
+    let mut accepted = Vec::new();
+    let mut health_saw_open = false;
+    let down = Instant::now();
+    let mut i = EVENTS;
+    while down.elapsed() < Duration::from_secs(8) {
+        let r = http
+            .post(svc.url("/v1/topics/r-in"))
+            .header("content-type", "application/cloudevents+json")
+            .json(&json!({"specversion": "1.0", "id": format!("r-{i}"), "source": "urn:load", "type": "in", "data": i}))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 202 {
+            accepted.push(i);
+        } else {
+            assert_eq!(
+                r.status(),
+                503,
+                "refused as unavailable until the breaker opens"
+            );
+        }
+        i += 1;
+        let h: serde_json::Value = http
+            .get(svc.url("/health"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if h["checks"]["circuit"]["description"]
+            .as_str()
+            .is_some_and(|d| !d.contains("pubsub closed"))
+        {
+            health_saw_open = true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(health_saw_open, "health reports the open circuit");
+    assert!(
+        !accepted.is_empty(),
+        "publishes are buffered while the breaker is open"
+    );
+    let metrics = http
+        .get(svc.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("workmanager_circuit_state{backend=\"pubsub\"}"),
+        "{metrics}"
+    );
+    redis.start_again();
+
+    // Everything published before the outage, and everything accepted
+    // during it, comes out once.
+    let expected: BTreeSet<i64> = (0..EVENTS).chain(accepted.iter().copied()).collect();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let got: BTreeSet<i64> = seen.values().copied().collect();
+        if expected.is_subset(&got) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} outputs after the restart; missing e.g. {:?}; service log:\n{}",
+            got.len(),
+            expected.len(),
+            expected.difference(&got).take(5).collect::<Vec<_>>(),
+            svc.logs()
+                .lines()
+                .filter(|l| !l.contains("\"audit\""))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        if let Ok(Some(d)) = tokio::time::timeout(Duration::from_secs(2), outputs.recv()).await {
+            collect(d, &mut seen);
+        }
+    }
+    let got: Vec<i64> = seen.values().copied().collect();
+    let distinct: BTreeSet<i64> = got.iter().copied().collect();
+    assert_eq!(got.len(), distinct.len(), "one output id per input");
+    assert_eq!(distinct, expected, "only what was published or accepted");
+}

@@ -1,0 +1,477 @@
+//! Retry with exponential backoff and a circuit breaker around a networked
+//! bus or state store (`Resilience:*`).
+//!
+//! The breaker counts calls since it last closed: once at least
+//! `Resilience:CircuitBreakerThreshold` calls were made and half or more
+//! failed, it opens for `Resilience:CircuitBreakerDurationSeconds`; then
+//! calls are let through again (half-open) and the first success closes it.
+//! Only "unavailable" failures count: a CAS conflict or backpressure is an
+//! answer, not an outage.
+//!
+//! While the bus's breaker is open, publishes are kept in a buffer (at most
+//! `BUFFER_CAPACITY`; beyond that the oldest are dropped and counted) and
+//! sent in order once it closes; the dispatcher hands inbound messages back
+//! for redelivery instead of processing them. Buffered publishes live in
+//! memory: a crash of this instance while the broker is down loses them.
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use tokio::sync::broadcast;
+
+use crate::bus::{Bus, BusError, Subscription};
+use crate::event::CloudEvent;
+use crate::store::{StateStore, StoreError, Version, Versioned, WriteOp};
+
+/// Publishes kept while the bus's breaker is open.
+pub const BUFFER_CAPACITY: usize = 1000;
+
+#[derive(Debug, Clone)]
+pub struct ResilienceSettings {
+    /// Retries after a failed call (`Resilience:RetryAttempts`).
+    pub retry_attempts: u32,
+    /// Backoff base: base·2^(attempt-1) (`Resilience:RetryBaseDelayMs`).
+    pub retry_base_delay: Duration,
+    /// Calls before the breaker may open (`Resilience:CircuitBreakerThreshold`).
+    pub breaker_threshold: u32,
+    /// How long it stays open (`Resilience:CircuitBreakerDurationSeconds`).
+    pub breaker_duration: Duration,
+    /// Longest one call may take before it counts as failed (the backend's
+    /// own timeout, e.g. `Redis:TimeoutMs`): a client library that waits on
+    /// a dead server must not hold a publisher for minutes.
+    pub call_timeout: Duration,
+}
+
+impl Default for ResilienceSettings {
+    fn default() -> Self {
+        Self {
+            retry_attempts: 3,
+            retry_base_delay: Duration::from_millis(200),
+            breaker_threshold: 5,
+            breaker_duration: Duration::from_secs(30),
+            call_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CircuitState {
+    Closed,
+    Open,
+    HalfOpen,
+}
+
+impl CircuitState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CircuitState::Closed => "closed",
+            CircuitState::Open => "open",
+            CircuitState::HalfOpen => "half-open",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Counts {
+    calls: u32,
+    failures: u32,
+    opened_at: Option<Instant>,
+}
+
+#[derive(Debug)]
+pub struct Breaker {
+    threshold: u32,
+    duration: Duration,
+    counts: Mutex<Counts>,
+}
+
+impl Breaker {
+    pub fn new(threshold: u32, duration: Duration) -> Self {
+        Self {
+            threshold: threshold.max(1),
+            duration,
+            counts: Mutex::new(Counts {
+                calls: 0,
+                failures: 0,
+                opened_at: None,
+            }),
+        }
+    }
+
+    fn counts(&self) -> std::sync::MutexGuard<'_, Counts> {
+        self.counts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn state(&self) -> CircuitState {
+        match self.counts().opened_at {
+            None => CircuitState::Closed,
+            Some(t) if t.elapsed() < self.duration => CircuitState::Open,
+            Some(_) => CircuitState::HalfOpen,
+        }
+    }
+
+    /// Whether a call may go out now (closed or half-open).
+    pub fn allows(&self) -> bool {
+        self.state() != CircuitState::Open
+    }
+
+    pub fn record(&self, ok: bool) {
+        let mut c = self.counts();
+        if ok {
+            if c.opened_at.take().is_some() {
+                tracing::info!("circuit closed: the backend answers again");
+            }
+            if c.calls >= self.threshold.saturating_mul(20) {
+                // Forget old history so a long healthy run does not dilute
+                // a fresh outage.
+                c.calls = 0;
+                c.failures = 0;
+            }
+            c.calls += 1;
+            return;
+        }
+        if c.opened_at.is_some() {
+            // A failed trial while half-open: open for another period.
+            c.opened_at = Some(Instant::now());
+            return;
+        }
+        c.calls += 1;
+        c.failures += 1;
+        if c.calls >= self.threshold && c.failures * 2 >= c.calls {
+            tracing::warn!(
+                calls = c.calls,
+                failures = c.failures,
+                "circuit opened: the backend is failing"
+            );
+            c.opened_at = Some(Instant::now());
+            c.calls = 0;
+            c.failures = 0;
+        }
+    }
+}
+
+fn backoff(settings: &ResilienceSettings, attempt: u32) -> Duration {
+    settings
+        .retry_base_delay
+        .saturating_mul(1 << attempt.saturating_sub(1).min(16))
+}
+
+/// A bus with retries, a breaker and a publish buffer.
+pub struct ResilientBus {
+    inner: Arc<dyn Bus>,
+    settings: ResilienceSettings,
+    breaker: Breaker,
+    buffer: Mutex<VecDeque<(String, CloudEvent)>>,
+    /// Serialises flushes so buffered events go out once and in order.
+    flushing: tokio::sync::Mutex<()>,
+    dropped: prometheus_client::metrics::counter::Counter,
+}
+
+impl ResilientBus {
+    pub fn new(
+        inner: Arc<dyn Bus>,
+        settings: ResilienceSettings,
+        dropped: prometheus_client::metrics::counter::Counter,
+    ) -> Arc<Self> {
+        let bus = Arc::new(Self {
+            inner,
+            breaker: Breaker::new(settings.breaker_threshold, settings.breaker_duration),
+            settings,
+            buffer: Mutex::new(VecDeque::new()),
+            flushing: tokio::sync::Mutex::new(()),
+            dropped,
+        });
+        // Flushes the buffer once the breaker lets calls through again.
+        let weak = Arc::downgrade(&bus);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let Some(bus) = weak.upgrade() else { return };
+                if bus.buffered() > 0 && bus.breaker.allows() {
+                    let _ = bus.flush().await;
+                }
+            }
+        });
+        bus
+    }
+
+    fn timed_out(&self) -> String {
+        format!(
+            "the {} bus did not answer within {} ms",
+            self.inner.name(),
+            self.settings.call_timeout.as_millis()
+        )
+    }
+
+    /// Publishes waiting in the buffer.
+    pub fn buffered(&self) -> usize {
+        self.buffer.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    fn keep(&self, topic: &str, events: Vec<CloudEvent>) {
+        let mut buffer = self.buffer.lock().unwrap_or_else(|p| p.into_inner());
+        for e in events {
+            if buffer.len() >= BUFFER_CAPACITY {
+                buffer.pop_front();
+                self.dropped.inc();
+            }
+            buffer.push_back((topic.to_string(), e));
+        }
+    }
+
+    /// Sends buffered events in order, one run of a topic per call. Stops
+    /// (keeping the rest) at the first failure.
+    async fn flush(&self) -> Result<(), BusError> {
+        let _one = self.flushing.lock().await;
+        loop {
+            let run: Vec<(String, CloudEvent)> = {
+                let buffer = self.buffer.lock().unwrap_or_else(|p| p.into_inner());
+                let Some((topic, _)) = buffer.front() else {
+                    return Ok(());
+                };
+                buffer
+                    .iter()
+                    .take_while(|(t, _)| t == topic)
+                    .take(256)
+                    .cloned()
+                    .collect()
+            };
+            let Some(topic) = run.first().map(|(t, _)| t.clone()) else {
+                return Ok(());
+            };
+            let n = run.len();
+            let events = run.into_iter().map(|(_, e)| e).collect();
+            let result = tokio::time::timeout(
+                self.settings.call_timeout,
+                self.inner.publish_many(&topic, events),
+            )
+            .await
+            .unwrap_or_else(|_| Err(BusError::Unavailable(self.timed_out())));
+            self.breaker
+                .record(!matches!(result, Err(BusError::Unavailable(_))));
+            result?;
+            let mut buffer = self.buffer.lock().unwrap_or_else(|p| p.into_inner());
+            // Only this flush removes from the front; `keep` may have
+            // dropped some of the run meanwhile (never more than it held).
+            for _ in 0..n.min(buffer.len()) {
+                buffer.pop_front();
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Bus for ResilientBus {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+
+    async fn publish(&self, topic: &str, event: CloudEvent) -> Result<(), BusError> {
+        self.publish_many(topic, vec![event]).await
+    }
+
+    async fn publish_many(&self, topic: &str, events: Vec<CloudEvent>) -> Result<(), BusError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        if self.buffered() > 0 {
+            // Order: what waits goes first.
+            if !self.breaker.allows() || self.flush().await.is_err() {
+                self.keep(topic, events);
+                return Ok(());
+            }
+        }
+        let mut attempt = 0;
+        loop {
+            if !self.breaker.allows() {
+                self.keep(topic, events);
+                return Ok(());
+            }
+            // A copy per attempt: a failed attempt must leave the events to
+            // retry or buffer (only networked buses are wrapped).
+            let attempt_result = tokio::time::timeout(
+                self.settings.call_timeout,
+                self.inner.publish_many(topic, events.clone()),
+            )
+            .await
+            .unwrap_or_else(|_| Err(BusError::Unavailable(self.timed_out())));
+            match attempt_result {
+                Err(BusError::Unavailable(e)) => {
+                    self.breaker.record(false);
+                    if attempt >= self.settings.retry_attempts {
+                        if !self.breaker.allows() {
+                            self.keep(topic, events);
+                            return Ok(());
+                        }
+                        return Err(BusError::Unavailable(e));
+                    }
+                    attempt += 1;
+                    tracing::debug!(error = %e, attempt, topic, "publish failed; retrying");
+                    tokio::time::sleep(backoff(&self.settings, attempt)).await;
+                }
+                other => {
+                    self.breaker.record(true);
+                    return other;
+                }
+            }
+        }
+    }
+
+    async fn subscribe(&self, topics: &[String], group: &str) -> Result<Subscription, BusError> {
+        self.inner.subscribe(topics, group).await
+    }
+
+    async fn unsubscribe(&self, topics: &[String], group: &str) {
+        self.inner.unsubscribe(topics, group).await
+    }
+
+    fn watch(&self, topic: &str) -> broadcast::Receiver<Arc<CloudEvent>> {
+        self.inner.watch(topic)
+    }
+
+    fn queue_depth(&self, group: &str) -> usize {
+        self.inner.queue_depth(group)
+    }
+
+    fn circuit(&self) -> CircuitState {
+        self.breaker.state()
+    }
+}
+
+/// A state store with retries and a breaker: while open, calls fail at once
+/// with "unavailable" (UNAVAILABLE to clients) instead of waiting on a dead
+/// backend.
+pub struct ResilientStore {
+    inner: Arc<dyn StateStore>,
+    settings: ResilienceSettings,
+    breaker: Breaker,
+}
+
+impl ResilientStore {
+    pub fn new(inner: Arc<dyn StateStore>, settings: ResilienceSettings) -> Self {
+        Self {
+            inner,
+            breaker: Breaker::new(settings.breaker_threshold, settings.breaker_duration),
+            settings,
+        }
+    }
+
+    async fn call<T, F, Fut>(&self, mut f: F) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        let mut attempt = 0;
+        loop {
+            if !self.breaker.allows() {
+                return Err(StoreError::Unavailable(format!(
+                    "the {} state store is failing; the circuit breaker is open for up to {} s \
+                     (Resilience:CircuitBreakerDurationSeconds)",
+                    self.inner.name(),
+                    self.settings.breaker_duration.as_secs()
+                )));
+            }
+            let result = tokio::time::timeout(self.settings.call_timeout, f())
+                .await
+                .unwrap_or_else(|_| {
+                    Err(StoreError::Unavailable(format!(
+                        "the {} state store did not answer within {} ms",
+                        self.inner.name(),
+                        self.settings.call_timeout.as_millis()
+                    )))
+                });
+            match result {
+                Err(StoreError::Unavailable(e)) => {
+                    self.breaker.record(false);
+                    if attempt >= self.settings.retry_attempts {
+                        return Err(StoreError::Unavailable(e));
+                    }
+                    attempt += 1;
+                    tokio::time::sleep(backoff(&self.settings, attempt)).await;
+                }
+                other => {
+                    self.breaker.record(true);
+                    return other;
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl StateStore for ResilientStore {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+
+    fn shared(&self) -> bool {
+        self.inner.shared()
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        // Health and recovery probe the backend itself, breaker or not.
+        let r = self.inner.ping().await;
+        if r.is_ok() {
+            self.breaker.record(true);
+        }
+        r
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
+        self.call(|| self.inner.get(key)).await
+    }
+
+    async fn commit(&self, ops: Vec<WriteOp>) -> Result<Vec<Option<Version>>, StoreError> {
+        self.call(|| self.inner.commit(ops.clone())).await
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        self.call(|| self.inner.list(prefix)).await
+    }
+
+    fn circuit(&self) -> CircuitState {
+        self.breaker.state()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_breaker_opens_on_half_failures_and_closes_after_a_good_trial() {
+        let b = Breaker::new(4, Duration::from_millis(50));
+        b.record(true);
+        b.record(false);
+        b.record(true);
+        assert_eq!(
+            b.state(),
+            CircuitState::Closed,
+            "3 calls: below the threshold"
+        );
+        b.record(false);
+        assert_eq!(b.state(), CircuitState::Open, "4 calls, 2 failed");
+        assert!(!b.allows());
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(b.state(), CircuitState::HalfOpen);
+        b.record(false);
+        assert_eq!(
+            b.state(),
+            CircuitState::Open,
+            "a failed trial opens it again"
+        );
+        std::thread::sleep(Duration::from_millis(60));
+        b.record(true);
+        assert_eq!(b.state(), CircuitState::Closed);
+    }
+
+    #[test]
+    fn a_mostly_healthy_backend_keeps_the_breaker_closed() {
+        let b = Breaker::new(5, Duration::from_secs(30));
+        for i in 0..100 {
+            b.record(i % 3 != 0);
+        }
+        assert_eq!(b.state(), CircuitState::Closed);
+    }
+}
