@@ -249,9 +249,86 @@ pub async fn run(args: BenchArgs) -> Result<()> {
                 .await;
         other.stop().await;
     }
+    if let (Ok(()), Some(url)) = (&result, &args.redis_url) {
+        result = forwarding(args.iterations, &python, url).await;
+    }
     standard.stop().await;
     off.stop().await;
     result
+}
+
+/// Two instances on one Redis: the same worker-scoped RPCs sent to the
+/// owner (local) and to the other instance (forwarded once), interleaved in
+/// blocks. The difference of the medians is what forwarding adds.
+async fn forwarding(iterations: usize, python: &Path, url: &str) -> Result<()> {
+    let shared = |name: &str| {
+        vec![
+            "StateStore:Type=redis".to_string(),
+            "PubSub:Type=redis".to_string(),
+            format!("Redis:Url={url}"),
+            format!("HOSTNAME=bench-{name}-{}", std::process::id()),
+        ]
+    };
+    let mut owner = Bench::start_with(python, "standard", &shared("owner")).await?;
+    let mut peer = Bench::start_with(python, "standard", &shared("peer")).await?;
+    let id = create(&mut owner.client, NOOP, true).await?;
+    let event = CloudEvent::from_input(serde_json::json!({
+        "specversion": "1.0", "id": "bench-fwd", "source": "urn:bench", "type": "bench.in",
+        "datacontenttype": "application/json", "data": payload(),
+    }));
+    let invoke_req = pb::InvokeWorkerRequest {
+        id: id.clone(),
+        event: Some(event_to_proto(&event)),
+        publish: false,
+    };
+    let get_req = pb::GetWorkerRequest { id: id.clone() };
+    for _ in 0..200 {
+        invoke(&mut owner.client, &invoke_req).await?;
+        invoke(&mut peer.client, &invoke_req).await?;
+        peer.client.get_worker(get_req.clone()).await?;
+    }
+    let mut t: [Vec<Duration>; 4] = Default::default();
+    let block = 100;
+    while t[0].len() < iterations {
+        for (i, via_peer) in [(0, false), (1, true)] {
+            let c = if via_peer {
+                &mut peer.client
+            } else {
+                &mut owner.client
+            };
+            for _ in 0..block {
+                let s = Instant::now();
+                c.get_worker(get_req.clone()).await?;
+                t[i].push(s.elapsed());
+            }
+            for _ in 0..block {
+                let s = Instant::now();
+                invoke(c, &invoke_req).await?;
+                t[i + 2].push(s.elapsed());
+            }
+        }
+    }
+    let [get_local, get_fwd, inv_local, inv_fwd] = t.map(stats);
+    println!("\n### Forwarded worker-scoped RPCs (two instances on one Redis)\n");
+    println!("{iterations} calls per row, interleaved in blocks of {block}.\n");
+    println!("| RPC | at the owner p50 | via the other instance p50 | added p50 | p99 owner / forwarded |");
+    println!("|---|---|---|---|---|");
+    for (name, local, fwd) in [
+        ("GetWorker", &get_local, &get_fwd),
+        ("InvokeWorker (no-op)", &inv_local, &inv_fwd),
+    ] {
+        println!(
+            "| {name} | {} | {} | {} | {} / {} |",
+            us(local.p50),
+            us(fwd.p50),
+            ms_signed(fwd.p50.as_secs_f64() - local.p50.as_secs_f64()),
+            us(local.p99),
+            us(fwd.p99),
+        );
+    }
+    owner.stop().await;
+    peer.stop().await;
+    Ok(())
 }
 
 async fn wait_port(path: &Path) -> Result<(u16, u16)> {
