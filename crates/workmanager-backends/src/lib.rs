@@ -3,6 +3,9 @@
 
 #[cfg(test)]
 mod bus_suite;
+pub mod dapr;
+#[cfg(feature = "testing")]
+pub mod dapr_fake;
 pub mod embedded;
 pub mod embedded_bus;
 pub mod nats_bus;
@@ -15,6 +18,7 @@ mod store_suite;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+pub use dapr::{DaprClient, DaprSettings, DaprStore};
 pub use embedded::EmbeddedStore;
 pub use embedded_bus::EmbeddedBus;
 pub use nats_bus::{NatsAuth, NatsBus, NatsBusSettings};

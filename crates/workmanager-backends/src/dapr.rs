@@ -1,0 +1,485 @@
+//! Dapr mode: state and secrets through the Dapr sidecar's HTTP API
+//! (`StateStore:Type=dapr`, `secret:dapr:` references), with the
+//! `dapr-api-token` header when `DAPR_API_TOKEN` is set.
+//!
+//! State: each key holds an envelope `{"v": version, "d": base64 value}`;
+//! a commit reads every key it touches (value and ETag), checks the
+//! preconditions against the envelopes' versions, then writes all ops in one
+//! state transaction carrying those ETags (first-write wins). A write that
+//! raced with another one fails its ETag check as a whole; the commit then
+//! reads again and either finds its preconditions broken (a conflict) or
+//! tries once more. A key that does not exist has no ETag to guard it, so
+//! "must be absent" is checked by the read alone: two creators of one key
+//! in the same instant both succeed. Our keys are random UUIDs, the
+//! index and the lease, so that window only matters for the first worker of
+//! a fresh cluster; the store seeds the index at connect to close it there.
+//! Prefix listings come from a key list kept in the same transactions.
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use workmanager_core::store::{keys, Version};
+use workmanager_core::{Precondition, StateStore, StoreError, Versioned, WriteOp};
+
+/// The sorted list of every key this store wrote (for prefix listings).
+const KEY_LIST: &str = "workmanager/dapr/keys";
+/// Commit attempts when a transaction loses an ETag race that left the
+/// preconditions intact.
+const COMMIT_ATTEMPTS: usize = 8;
+
+const TOKEN_REFUSED: &str =
+    "the Dapr sidecar refused the API token: set DAPR_API_TOKEN to the sidecar's token";
+
+/// Where the sidecar is and how to talk to it.
+#[derive(Debug, Clone)]
+pub struct DaprSettings {
+    /// `http://127.0.0.1:{Dapr:HttpPort}`.
+    pub base_url: String,
+    /// `DAPR_API_TOKEN`: sent as `dapr-api-token` on every call.
+    pub api_token: Option<String>,
+    /// Component names: `stateStoreName`, `pubsubName`.
+    pub state_store: String,
+    pub pubsub: String,
+    pub timeout: Duration,
+}
+
+/// A small client of the sidecar's HTTP API.
+#[derive(Clone)]
+pub struct DaprClient {
+    http: reqwest::Client,
+    settings: DaprSettings,
+}
+
+fn unavailable(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(format!("Dapr sidecar {what}: {e}"))
+}
+
+impl DaprClient {
+    pub fn new(settings: DaprSettings) -> Result<Self, String> {
+        let http = reqwest::Client::builder()
+            .timeout(settings.timeout)
+            .no_proxy()
+            .build()
+            .map_err(|e| format!("cannot build the Dapr HTTP client: {e}"))?;
+        Ok(Self { http, settings })
+    }
+
+    pub fn settings(&self) -> &DaprSettings {
+        &self.settings
+    }
+
+    pub(crate) fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let mut r = self
+            .http
+            .request(method, format!("{}{path}", self.settings.base_url));
+        if let Some(t) = &self.settings.api_token {
+            r = r.header("dapr-api-token", t);
+        }
+        r
+    }
+
+    /// `GET /v1.0/healthz`: the sidecar is up.
+    pub async fn healthz(&self) -> Result<(), String> {
+        let r = self
+            .request(reqwest::Method::GET, "/v1.0/healthz")
+            .send()
+            .await
+            .map_err(|e| {
+                format!(
+                    "the Dapr sidecar at {} is not reachable: {e}",
+                    self.settings.base_url
+                )
+            })?;
+        match r.status().as_u16() {
+            200..=299 => Ok(()),
+            401 | 403 => Err(TOKEN_REFUSED.into()),
+            s => Err(format!("the Dapr sidecar answered {s} to its health check")),
+        }
+    }
+
+    /// `GET /v1.0/secrets/{store}/{name}`, then `key` of the answer (the
+    /// name itself when no key is given and the secret has one entry named so).
+    pub async fn secret(
+        &self,
+        store: &str,
+        name: &str,
+        key: Option<&str>,
+    ) -> Result<String, String> {
+        let path = format!("/v1.0/secrets/{}/{}", urlencode(store), urlencode(name));
+        let r = self
+            .request(reqwest::Method::GET, &path)
+            .send()
+            .await
+            .map_err(|e| format!("Dapr secret store {store}: {e}"))?;
+        let status = r.status().as_u16();
+        if status == 401 || status == 403 {
+            return Err(TOKEN_REFUSED.into());
+        }
+        if status != 200 {
+            return Err(format!(
+                "Dapr secret store {store} answered {status} for secret {name:?}"
+            ));
+        }
+        let map: BTreeMap<String, String> = r
+            .json()
+            .await
+            .map_err(|e| format!("Dapr secret store {store}: unreadable answer: {e}"))?;
+        let wanted = key.unwrap_or(name);
+        map.get(wanted)
+            .cloned()
+            .or_else(|| {
+                (map.len() == 1 && key.is_none())
+                    .then(|| map.values().next().cloned())
+                    .flatten()
+            })
+            .ok_or_else(|| format!("Dapr secret {name:?} in store {store} has no key {wanted:?}"))
+    }
+}
+
+/// Percent-encodes one path segment.
+pub(crate) fn urlencode(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes())
+        .collect::<String>()
+        .replace('+', "%20")
+}
+
+#[derive(Serialize, Deserialize)]
+struct Envelope {
+    v: Version,
+    d: String,
+}
+
+/// One key as read: its envelope and the ETag that guards it.
+struct Current {
+    envelope: Option<(Version, Vec<u8>)>,
+    etag: Option<String>,
+}
+
+pub struct DaprStore {
+    client: DaprClient,
+}
+
+impl DaprStore {
+    /// Checks the sidecar answers and seeds the worker index.
+    pub async fn connect(client: DaprClient) -> Result<Self, StoreError> {
+        client.healthz().await.map_err(StoreError::Unavailable)?;
+        let s = Self { client };
+        if s.get(keys::WORKER_INDEX).await?.is_none() {
+            match s
+                .put(keys::WORKER_INDEX, b"[]".to_vec(), Precondition::Absent)
+                .await
+            {
+                Ok(_) | Err(StoreError::Conflict(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(s)
+    }
+
+    fn state_path(&self, key: Option<&str>) -> String {
+        let store = urlencode(&self.client.settings.state_store);
+        match key {
+            Some(k) => format!("/v1.0/state/{store}/{}", urlencode(k)),
+            None => format!("/v1.0/state/{store}/transaction"),
+        }
+    }
+
+    async fn read(&self, key: &str) -> Result<Current, StoreError> {
+        let r = self
+            .client
+            .request(reqwest::Method::GET, &self.state_path(Some(key)))
+            .send()
+            .await
+            .map_err(|e| unavailable("state read", e))?;
+        let status = r.status().as_u16();
+        let etag = r
+            .headers()
+            .get("etag")
+            .and_then(|v| v.to_str().ok())
+            .map(|s| s.trim_matches('"').to_string());
+        let body = r.bytes().await.map_err(|e| unavailable("state read", e))?;
+        if status == 204 || (status == 200 && body.is_empty()) {
+            return Ok(Current {
+                envelope: None,
+                etag: None,
+            });
+        }
+        if status == 401 || status == 403 {
+            return Err(StoreError::Unavailable(TOKEN_REFUSED.into()));
+        }
+        if status != 200 {
+            return Err(unavailable(
+                "state read",
+                format!("status {status}: {}", String::from_utf8_lossy(&body)),
+            ));
+        }
+        let env: Envelope = serde_json::from_slice(&body).map_err(|e| {
+            StoreError::Corrupt(format!("{key} in the Dapr state store is not ours: {e}"))
+        })?;
+        let value = base64::engine::general_purpose::STANDARD
+            .decode(env.d)
+            .map_err(|e| StoreError::Corrupt(format!("{key}: {e}")))?;
+        Ok(Current {
+            envelope: Some((env.v, value)),
+            etag,
+        })
+    }
+
+    /// One attempt: Ok(Some(versions)) applied, Ok(None) lost an ETag race
+    /// with the preconditions intact (try again), Err(Conflict) broken.
+    async fn try_commit(
+        &self,
+        ops: &[WriteOp],
+    ) -> Result<Option<Vec<Option<Version>>>, StoreError> {
+        let mut operations = Vec::new();
+        let mut versions = Vec::new();
+        let mut created = Vec::new();
+        let mut removed = Vec::new();
+        for op in ops {
+            let (key, pre) = match op {
+                WriteOp::Put { key, pre, .. } | WriteOp::Delete { key, pre } => (key, *pre),
+            };
+            let cur = self.read(key).await?;
+            let version = cur.envelope.as_ref().map(|(v, _)| *v);
+            let holds = match pre {
+                Precondition::None => true,
+                Precondition::Absent => version.is_none(),
+                Precondition::Version(v) => version == Some(v),
+            };
+            if !holds {
+                return Err(StoreError::Conflict(key.clone()));
+            }
+            match op {
+                WriteOp::Put { value, .. } => {
+                    let next = version.unwrap_or(0) + 1;
+                    let env = Envelope {
+                        v: next,
+                        d: base64::engine::general_purpose::STANDARD.encode(value),
+                    };
+                    let mut request = serde_json::json!({"key": key, "value": env});
+                    if let Some(e) = &cur.etag {
+                        request["etag"] = e.clone().into();
+                        request["options"] = serde_json::json!({"concurrency": "first-write"});
+                    }
+                    operations.push(serde_json::json!({"operation": "upsert", "request": request}));
+                    versions.push(Some(next));
+                    if version.is_none() {
+                        created.push(key.clone());
+                    }
+                }
+                WriteOp::Delete { .. } => {
+                    versions.push(None);
+                    if version.is_some() {
+                        let mut request = serde_json::json!({"key": key});
+                        if let Some(e) = &cur.etag {
+                            request["etag"] = e.clone().into();
+                            request["options"] = serde_json::json!({"concurrency": "first-write"});
+                        }
+                        operations
+                            .push(serde_json::json!({"operation": "delete", "request": request}));
+                        removed.push(key.clone());
+                    }
+                }
+            }
+        }
+        if !created.is_empty() || !removed.is_empty() {
+            operations.push(self.key_list_op(&created, &removed).await?);
+        }
+        if operations.is_empty() {
+            return Ok(Some(versions));
+        }
+        let r = self
+            .client
+            .request(reqwest::Method::POST, &self.state_path(None))
+            .json(&serde_json::json!({"operations": operations}))
+            .send()
+            .await
+            .map_err(|e| unavailable("state transaction", e))?;
+        let status = r.status().as_u16();
+        if (200..300).contains(&status) {
+            return Ok(Some(versions));
+        }
+        let body = r.text().await.unwrap_or_default();
+        // An ETag mismatch: 409 from current sidecars; older ones say so in
+        // a 500's message.
+        if status == 409 || body.to_ascii_lowercase().contains("etag") {
+            return Ok(None);
+        }
+        Err(unavailable(
+            "state transaction",
+            format!("status {status}: {body}"),
+        ))
+    }
+
+    /// The upsert of the key list with `created` added and `removed` taken out.
+    async fn key_list_op(
+        &self,
+        created: &[String],
+        removed: &[String],
+    ) -> Result<serde_json::Value, StoreError> {
+        let cur = self.read(KEY_LIST).await?;
+        let (version, mut list) = match cur.envelope {
+            Some((v, bytes)) => (
+                v,
+                serde_json::from_slice::<Vec<String>>(&bytes)
+                    .map_err(|e| StoreError::Corrupt(format!("the Dapr key list: {e}")))?,
+            ),
+            None => (0, Vec::new()),
+        };
+        list.retain(|k| !removed.contains(k));
+        list.extend(created.iter().cloned());
+        list.sort();
+        list.dedup();
+        let bytes = serde_json::to_vec(&list).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let env = Envelope {
+            v: version + 1,
+            d: base64::engine::general_purpose::STANDARD.encode(bytes),
+        };
+        let mut request = serde_json::json!({"key": KEY_LIST, "value": env});
+        if let Some(e) = cur.etag {
+            request["etag"] = e.into();
+            request["options"] = serde_json::json!({"concurrency": "first-write"});
+        }
+        Ok(serde_json::json!({"operation": "upsert", "request": request}))
+    }
+}
+
+#[async_trait]
+impl StateStore for DaprStore {
+    fn name(&self) -> &'static str {
+        "dapr"
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.client.healthz().await.map_err(StoreError::Unavailable)
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
+        Ok(self
+            .read(key)
+            .await?
+            .envelope
+            .map(|(version, value)| Versioned { value, version }))
+    }
+
+    async fn commit(&self, ops: Vec<WriteOp>) -> Result<Vec<Option<Version>>, StoreError> {
+        for _ in 0..COMMIT_ATTEMPTS {
+            if let Some(versions) = self.try_commit(&ops).await? {
+                return Ok(versions);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Err(StoreError::Conflict(
+            "the Dapr state store kept losing ETag races; retry".into(),
+        ))
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let Some((_, bytes)) = self.read(KEY_LIST).await?.envelope else {
+            return Ok(Vec::new());
+        };
+        let list: Vec<String> = serde_json::from_slice(&bytes)
+            .map_err(|e| StoreError::Corrupt(format!("the Dapr key list: {e}")))?;
+        Ok(list.into_iter().filter(|k| k.starts_with(prefix)).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::dapr_fake::FakeDaprSidecar;
+    use crate::store_suite as suite;
+
+    fn client(fake: &FakeDaprSidecar, token: Option<&str>) -> DaprClient {
+        DaprClient::new(DaprSettings {
+            base_url: fake.url(),
+            api_token: token.map(str::to_string),
+            state_store: "statestore".into(),
+            pubsub: "pubsub".into(),
+            timeout: Duration::from_secs(5),
+        })
+        .unwrap()
+    }
+
+    async fn store() -> (FakeDaprSidecar, DaprStore) {
+        let fake = FakeDaprSidecar::start(Some("sidecar-token")).await;
+        let s = DaprStore::connect(client(&fake, Some("sidecar-token")))
+            .await
+            .unwrap();
+        (fake, s)
+    }
+
+    #[tokio::test]
+    async fn put_get_versions_and_cas() {
+        let (_f, s) = store().await;
+        suite::put_get_versions_and_cas(&s).await;
+    }
+
+    #[tokio::test]
+    async fn commit_is_all_or_nothing() {
+        let (_f, s) = store().await;
+        suite::commit_is_all_or_nothing(&s).await;
+    }
+
+    #[tokio::test]
+    async fn list_by_prefix_and_delete() {
+        let (_f, s) = store().await;
+        suite::list_by_prefix_and_delete(&s).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn concurrent_cas_has_one_winner() {
+        let (_f, s) = store().await;
+        suite::concurrent_cas_has_one_winner(Arc::new(s)).await;
+    }
+
+    #[tokio::test]
+    async fn a_stale_etag_is_a_conflict_not_an_overwrite() {
+        let (fake, s) = store().await;
+        let v1 = s
+            .put("k", b"one".to_vec(), Precondition::None)
+            .await
+            .unwrap();
+        // Another writer changes the key behind this store's back.
+        let other = DaprStore::connect(client(&fake, Some("sidecar-token")))
+            .await
+            .unwrap();
+        other
+            .put("k", b"theirs".to_vec(), Precondition::Version(v1))
+            .await
+            .unwrap();
+        assert!(matches!(
+            s.put("k", b"mine".to_vec(), Precondition::Version(v1))
+                .await,
+            Err(StoreError::Conflict(_))
+        ));
+        assert_eq!(s.get("k").await.unwrap().unwrap().value, b"theirs");
+    }
+
+    #[tokio::test]
+    async fn the_api_token_is_required_and_secrets_resolve() {
+        let fake = FakeDaprSidecar::start(Some("sidecar-token")).await;
+        let refused = DaprStore::connect(client(&fake, Some("wrong"))).await;
+        assert!(
+            matches!(&refused, Err(StoreError::Unavailable(m)) if m.contains("DAPR_API_TOKEN")),
+            "{:?}",
+            refused.err()
+        );
+        fake.set_secret("vault", "redis-password", "s3cret");
+        let c = client(&fake, Some("sidecar-token"));
+        assert_eq!(
+            c.secret("vault", "redis-password", None).await.unwrap(),
+            "s3cret"
+        );
+        let missing = c.secret("vault", "nope", None).await.unwrap_err();
+        assert!(missing.contains("404"), "{missing}");
+    }
+}
