@@ -51,6 +51,15 @@ pub fn router(
         .route("/v1/topics/{topic}", post(crate::topics::publish))
         .layer(DefaultBodyLimit::max(opts.max_event_bytes))
         .route("/v1/topics/{topic}/events", get(crate::topics::events));
+    let state = AppState {
+        svc,
+        ready: ready_flag,
+    };
+    // With a push-based bus (Dapr), the sidecar's routes.
+    let pushed = match state.manager().bus_intake() {
+        Some(intake) => crate::dapr::routes(state.clone(), intake, opts.auth.enabled()),
+        None => Router::new(),
+    };
     Router::new()
         .merge(topics)
         .route("/health", get(health))
@@ -70,13 +79,11 @@ pub fn router(
         .route("/v1/recover", post(recover))
         .route("/v1/engines", get(engines))
         .fallback(not_found)
+        .with_state(state)
+        .merge(pushed)
         .layer(DefaultBodyLimit::max(opts.max_message_bytes))
         .layer(crate::auth::AuthLayer::new(opts.auth.clone()))
         .layer(CorrelationLayer::new(inflight))
-        .with_state(AppState {
-            svc,
-            ready: ready_flag,
-        })
 }
 
 /// A REST request's correlation id (`.0`) and authenticated caller (`.1`),

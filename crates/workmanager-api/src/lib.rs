@@ -10,6 +10,7 @@
 pub mod auth;
 pub mod convert;
 pub mod correlation;
+mod dapr;
 pub mod error;
 pub mod forward;
 pub mod grpc;

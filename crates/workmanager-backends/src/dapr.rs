@@ -1,5 +1,6 @@
-//! Dapr mode: state and secrets through the Dapr sidecar's HTTP API
-//! (`StateStore:Type=dapr`, `secret:dapr:` references), with the
+//! Dapr mode: state, pub/sub and secrets through the Dapr sidecar's HTTP
+//! API (`StateStore:Type=dapr`, `PubSub:Type=dapr`, `secret:dapr:`
+//! references), with the
 //! `dapr-api-token` header when `DAPR_API_TOKEN` is set.
 //!
 //! State: each key holds an envelope `{"v": version, "d": base64 value}`;
@@ -14,14 +15,18 @@
 //! index and the lease, so that window only matters for the first worker of
 //! a fresh cluster; the store seeds the index at connect to close it there.
 //! Prefix listings come from a key list kept in the same transactions.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use workmanager_core::bus::{Ack, Acker, Bus, BusError, Delivery, PushIntake, Subscription};
 use workmanager_core::store::{keys, Version};
-use workmanager_core::{Precondition, StateStore, StoreError, Versioned, WriteOp};
+use workmanager_core::{CloudEvent, Precondition, StateStore, StoreError, Versioned, WriteOp};
 
 /// The sorted list of every key this store wrote (for prefix listings).
 const KEY_LIST: &str = "workmanager/dapr/keys";
@@ -387,6 +392,283 @@ impl StateStore for DaprStore {
         let list: Vec<String> = serde_json::from_slice(&bytes)
             .map_err(|e| StoreError::Corrupt(format!("the Dapr key list: {e}")))?;
         Ok(list.into_iter().filter(|k| k.starts_with(prefix)).collect())
+    }
+}
+
+// ---- pub/sub ------------------------------------------------------------------
+
+/// Dapr pub/sub (`PubSub:Type=dapr`): publishes go to
+/// `POST /v1.0/publish/{pubsubName}/{topic}` as structured CloudEvents; the
+/// sidecar pushes events back through the service's HTTP port
+/// (`GET /dapr/subscribe` declares the topics, `POST /dapr/events/{topic}`
+/// takes each event and answers SUCCESS or RETRY once every local worker of
+/// the topic settled it).
+///
+/// Dapr delivers each topic once per app id, not once per worker: the
+/// workers of one topic share a delivery, which succeeds only when all of
+/// them settled it; a retried delivery skips the workers that already
+/// processed that event id. Dapr reads the subscriptions when the sidecar
+/// starts: topics of workers created later must be listed in `Dapr:Topics`
+/// (or a declarative Subscription routed to `/dapr/events/{topic}`).
+pub struct DaprBus {
+    client: DaprClient,
+    intake: Arc<Intake>,
+}
+
+struct Group {
+    name: String,
+    queue: mpsc::Sender<Delivery>,
+    /// Event ids this group settled recently: a redelivery skips them.
+    done: Arc<Mutex<Recent>>,
+}
+
+#[derive(Default)]
+struct Recent {
+    order: VecDeque<String>,
+    ids: HashSet<String>,
+}
+
+const RECENT_IDS: usize = 10_000;
+
+impl Recent {
+    fn insert(&mut self, id: String) {
+        if self.ids.insert(id.clone()) {
+            self.order.push_back(id);
+            if self.order.len() > RECENT_IDS {
+                if let Some(old) = self.order.pop_front() {
+                    self.ids.remove(&old);
+                }
+            }
+        }
+    }
+}
+
+struct Intake {
+    pubsub: String,
+    app_token: Option<String>,
+    capacity: usize,
+    declared: Mutex<BTreeSet<String>>,
+    read_by_sidecar: AtomicBool,
+    groups: Mutex<HashMap<String, Vec<Group>>>,
+    watchers: Mutex<HashMap<String, broadcast::Sender<Arc<CloudEvent>>>>,
+}
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Reports one group's outcome for a pushed event.
+struct PushAck {
+    tx: Mutex<Option<oneshot::Sender<Ack>>>,
+    done: Arc<Mutex<Recent>>,
+    event_id: String,
+}
+
+impl Acker for PushAck {
+    fn ack(&self, outcome: Ack) {
+        if outcome == Ack::Done {
+            locked(&self.done).insert(self.event_id.clone());
+        }
+        if let Some(tx) = locked(&self.tx).take() {
+            let _ = tx.send(outcome);
+        }
+    }
+}
+
+impl DaprBus {
+    /// `topics`: declared to the sidecar besides those of running workers
+    /// (`Dapr:Topics`); `app_token`: what the sidecar must present
+    /// (`APP_API_TOKEN`).
+    pub async fn connect(
+        client: DaprClient,
+        topics: Vec<String>,
+        app_token: Option<String>,
+        capacity: usize,
+    ) -> Result<Self, BusError> {
+        client.healthz().await.map_err(BusError::Unavailable)?;
+        let pubsub = client.settings.pubsub.clone();
+        Ok(Self {
+            client,
+            intake: Arc::new(Intake {
+                pubsub,
+                app_token,
+                capacity: capacity.max(1),
+                declared: Mutex::new(topics.into_iter().collect()),
+                read_by_sidecar: AtomicBool::new(false),
+                groups: Mutex::new(HashMap::new()),
+                watchers: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+}
+
+#[async_trait]
+impl PushIntake for Intake {
+    fn subscriptions(&self) -> (String, Vec<String>) {
+        self.read_by_sidecar.store(true, Ordering::Relaxed);
+        (
+            self.pubsub.clone(),
+            locked(&self.declared).iter().cloned().collect(),
+        )
+    }
+
+    fn app_token(&self) -> Option<String> {
+        self.app_token.clone()
+    }
+
+    async fn push(&self, topic: &str, event: CloudEvent) -> Ack {
+        if let Some(w) = locked(&self.watchers).get(topic) {
+            let _ = w.send(Arc::new(event.clone()));
+        }
+        let targets: Vec<(String, mpsc::Sender<Delivery>, Arc<Mutex<Recent>>)> =
+            locked(&self.groups)
+                .get(topic)
+                .map(|gs| {
+                    gs.iter()
+                        .map(|g| (g.name.clone(), g.queue.clone(), g.done.clone()))
+                        .collect()
+                })
+                .unwrap_or_default();
+        if targets.is_empty() {
+            tracing::debug!(
+                topic,
+                "a pushed event has no worker here; the sidecar redelivers it"
+            );
+            return Ack::Retry;
+        }
+        let event_id = event.get_str("id").unwrap_or_default().to_string();
+        let topic_arc: Arc<str> = Arc::from(topic);
+        let mut waits = Vec::new();
+        for (group, queue, done) in targets {
+            if locked(&done).ids.contains(&event_id) {
+                continue;
+            }
+            let (tx, rx) = oneshot::channel();
+            let delivery = Delivery {
+                topic: topic_arc.clone(),
+                event: event.clone(),
+                acker: Some(Box::new(PushAck {
+                    tx: Mutex::new(Some(tx)),
+                    done,
+                    event_id: event_id.clone(),
+                })),
+            };
+            if queue.send(delivery).await.is_err() {
+                tracing::debug!(group, "the worker stopped meanwhile");
+                return Ack::Retry;
+            }
+            waits.push(rx);
+        }
+        let mut outcome = Ack::Done;
+        for rx in waits {
+            if !matches!(rx.await, Ok(Ack::Done)) {
+                outcome = Ack::Retry;
+            }
+        }
+        outcome
+    }
+}
+
+#[async_trait]
+impl Bus for DaprBus {
+    fn name(&self) -> &'static str {
+        "dapr"
+    }
+
+    async fn publish(&self, topic: &str, event: CloudEvent) -> Result<(), BusError> {
+        let path = format!(
+            "/v1.0/publish/{}/{}",
+            urlencode(&self.intake.pubsub),
+            urlencode(topic)
+        );
+        let body = serde_json::to_vec(&event.0)
+            .map_err(|e| BusError::Unavailable(format!("event not serialisable: {e}")))?;
+        let r = self
+            .client
+            .request(reqwest::Method::POST, &path)
+            .header("content-type", "application/cloudevents+json")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| BusError::Unavailable(format!("Dapr publish: {e}")))?;
+        match r.status().as_u16() {
+            200..=299 => Ok(()),
+            401 | 403 => Err(BusError::Unavailable(TOKEN_REFUSED.into())),
+            404 => Err(BusError::Unavailable(format!(
+                "the Dapr sidecar has no pub/sub component named {:?} (pubsubName)",
+                self.intake.pubsub
+            ))),
+            s => Err(BusError::Unavailable(format!(
+                "Dapr publish answered {s}: {}",
+                r.text().await.unwrap_or_default()
+            ))),
+        }
+    }
+
+    async fn publish_many(&self, topic: &str, events: Vec<CloudEvent>) -> Result<(), BusError> {
+        // In order: Dapr keeps per-topic order only for sequential publishes.
+        for e in events {
+            self.publish(topic, e).await?;
+        }
+        Ok(())
+    }
+
+    async fn subscribe(&self, topics: &[String], group: &str) -> Result<Subscription, BusError> {
+        let (tx, rx) = mpsc::channel(self.intake.capacity);
+        let done = Arc::new(Mutex::new(Recent::default()));
+        {
+            let mut declared = locked(&self.intake.declared);
+            for t in topics {
+                if declared.insert(t.clone()) && self.intake.read_by_sidecar.load(Ordering::Relaxed)
+                {
+                    tracing::warn!(
+                        topic = %t,
+                        "the Dapr sidecar read the subscriptions before this topic existed: it delivers \
+                         it after its restart, or list the topic in Dapr:Topics"
+                    );
+                }
+            }
+        }
+        let mut groups = locked(&self.intake.groups);
+        for t in topics {
+            let list = groups.entry(t.clone()).or_default();
+            list.retain(|g| g.name != group);
+            list.push(Group {
+                name: group.to_string(),
+                queue: tx.clone(),
+                done: done.clone(),
+            });
+        }
+        Ok(Subscription { receiver: rx })
+    }
+
+    async fn unsubscribe(&self, topics: &[String], group: &str) {
+        let mut groups = locked(&self.intake.groups);
+        for t in topics {
+            if let Some(list) = groups.get_mut(t) {
+                list.retain(|g| g.name != group);
+            }
+        }
+    }
+
+    fn watch(&self, topic: &str) -> broadcast::Receiver<Arc<CloudEvent>> {
+        locked(&self.intake.watchers)
+            .entry(topic.to_string())
+            .or_insert_with(|| broadcast::channel(1024).0)
+            .subscribe()
+    }
+
+    fn queue_depth(&self, group: &str) -> usize {
+        locked(&self.intake.groups)
+            .values()
+            .flatten()
+            .find(|g| g.name == group)
+            .map(|g| self.intake.capacity - g.queue.capacity())
+            .unwrap_or(0)
+    }
+
+    fn intake(&self) -> Option<Arc<dyn PushIntake>> {
+        Some(self.intake.clone())
     }
 }
 

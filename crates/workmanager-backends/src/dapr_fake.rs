@@ -31,6 +31,8 @@ struct Inner {
     /// The app to deliver to: its base URL and subscribed routes by topic.
     app: Option<(String, HashMap<String, String>)>,
     token: Option<String>,
+    /// Sent to the app as `dapr-api-token` (Dapr's `APP_API_TOKEN`).
+    app_token: Option<String>,
 }
 
 #[derive(Clone)]
@@ -82,6 +84,18 @@ impl FakeDaprSidecar {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The token presented to the app on every call (`APP_API_TOKEN`).
+    pub fn set_app_token(&self, token: &str) {
+        self.lock().app_token = Some(token.to_string());
+    }
+
+    fn app_request(&self, r: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match self.lock().app_token.clone() {
+            Some(t) => r.header("dapr-api-token", t),
+            None => r,
+        }
+    }
+
     pub fn set_secret(&self, store: &str, name: &str, value: &str) {
         self.lock().secrets.insert(
             format!("{store}/{name}"),
@@ -102,8 +116,7 @@ impl FakeDaprSidecar {
     /// and delivers every later publish to it.
     pub async fn connect_app(&self, app_base: &str) {
         let subs: Vec<Value> = self
-            .http
-            .get(format!("{app_base}/dapr/subscribe"))
+            .app_request(self.http.get(format!("{app_base}/dapr/subscribe")))
             .send()
             .await
             .expect("the app answers /dapr/subscribe")
@@ -135,7 +148,12 @@ impl FakeDaprSidecar {
     /// Posts one event to the app's route until it answers SUCCESS (or DROP).
     async fn deliver(self, url: String, event: Value) {
         for _ in 0..50 {
-            let r = self.http.post(&url).json(&event).send().await;
+            let r = self
+                .app_request(self.http.post(&url))
+                .header("content-type", "application/cloudevents+json")
+                .json(&event)
+                .send()
+                .await;
             if let Ok(r) = r {
                 if r.status().is_success() {
                     let status = r

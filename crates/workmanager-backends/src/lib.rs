@@ -18,7 +18,7 @@ mod store_suite;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use dapr::{DaprClient, DaprSettings, DaprStore};
+pub use dapr::{DaprBus, DaprClient, DaprSettings, DaprStore};
 pub use embedded::EmbeddedStore;
 pub use embedded_bus::EmbeddedBus;
 pub use nats_bus::{NatsAuth, NatsBus, NatsBusSettings};

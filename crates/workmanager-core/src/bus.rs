@@ -57,6 +57,23 @@ pub struct Subscription {
     pub receiver: mpsc::Receiver<Delivery>,
 }
 
+/// A bus whose broker pushes messages to the service over HTTP (Dapr's
+/// programmatic subscriptions): the HTTP API declares its subscriptions and
+/// hands each pushed event in here.
+#[async_trait]
+pub trait PushIntake: Send + Sync {
+    /// The pub/sub component name and the topics to declare.
+    fn subscriptions(&self) -> (String, Vec<String>);
+
+    /// Hands one pushed event to every local consumer group of `topic` and
+    /// waits until each settled it: `Done` (tell the broker SUCCESS) or
+    /// `Retry` (tell it RETRY: some group could not take it, or none here).
+    async fn push(&self, topic: &str, event: CloudEvent) -> Ack;
+
+    /// The token the broker must present on pushes (`APP_API_TOKEN`), if any.
+    fn app_token(&self) -> Option<String>;
+}
+
 #[async_trait]
 pub trait Bus: Send + Sync {
     /// Backend name for health and logs.
@@ -95,5 +112,10 @@ pub trait Bus: Send + Sync {
     /// without one is always closed.
     fn circuit(&self) -> crate::resilience::CircuitState {
         crate::resilience::CircuitState::Closed
+    }
+
+    /// For push-based buses, where the HTTP API delivers pushed events.
+    fn intake(&self) -> Option<std::sync::Arc<dyn PushIntake>> {
+        None
     }
 }

@@ -381,6 +381,11 @@ impl Manager {
         self.inner.bus.name()
     }
 
+    /// Where a push-based bus (Dapr) takes pushed events, if it is one.
+    pub fn bus_intake(&self) -> Option<Arc<dyn crate::bus::PushIntake>> {
+        self.inner.bus.intake()
+    }
+
     /// The bus's circuit breaker (always closed for the embedded bus).
     pub fn bus_circuit(&self) -> crate::resilience::CircuitState {
         self.inner.bus.circuit()

@@ -337,6 +337,10 @@ impl Bus for ResilientBus {
     fn circuit(&self) -> CircuitState {
         self.breaker.state()
     }
+
+    fn intake(&self) -> Option<Arc<dyn crate::bus::PushIntake>> {
+        self.inner.intake()
+    }
 }
 
 /// A state store with retries and a breaker: while open, calls fail at once

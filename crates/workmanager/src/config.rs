@@ -53,6 +53,10 @@ const ENV_ALIASES: &[(&str, &str)] = &[
         "WORKER_RECOVERY_CONNECTIVITY_TIMEOUT_SECONDS",
         "Recovery:ConnectivityTimeoutSeconds",
     ),
+    ("DAPR_HTTP_PORT", "Dapr:HttpPort"),
+    ("DAPR_GRPC_PORT", "Dapr:GrpcPort"),
+    ("DAPR_API_TOKEN", "Dapr:ApiToken"),
+    ("APP_API_TOKEN", "Dapr:AppApiToken"),
     ("DAPR_RETRY_ATTEMPTS", "Resilience:RetryAttempts"),
     ("DAPR_RETRY_BASE_DELAY_MS", "Resilience:RetryBaseDelayMs"),
     (
@@ -70,12 +74,14 @@ pub enum BusKind {
     Embedded,
     Redis,
     Nats,
+    Dapr,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StoreKind {
     Embedded,
     Redis,
+    Dapr,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -162,6 +168,11 @@ pub struct Settings {
     /// `Redis:TimeoutMs`: connect and per-call timeout.
     pub redis_timeout: Duration,
     pub instance_id: String,
+    /// Dapr mode: the sidecar (`Dapr:HttpPort`, `DAPR_HTTP_PORT`), its API
+    /// token (`DAPR_API_TOKEN`), the token it must show us (`APP_API_TOKEN`),
+    /// component names (`stateStoreName`, `pubsubName`) and topics declared
+    /// beyond those of running workers (`Dapr:Topics`).
+    pub dapr: DaprConfig,
     /// `Instance:HeartbeatIntervalSeconds` (10) and `Instance:StaleAfterSeconds`
     /// (60, at least twice the interval): see core ownership.rs.
     pub heartbeat_interval: Duration,
@@ -182,6 +193,29 @@ pub struct Settings {
     pub publish_timeout: Duration,
     /// `Messaging:MaxEventBytes`: largest event accepted over HTTP.
     pub max_event_bytes: usize,
+}
+
+#[derive(Clone, Default)]
+pub struct DaprConfig {
+    pub http_port: u16,
+    pub api_token: Option<String>,
+    pub app_token: Option<String>,
+    pub state_store: String,
+    pub pubsub: String,
+    pub topics: Vec<String>,
+}
+
+impl std::fmt::Debug for DaprConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DaprConfig")
+            .field("http_port", &self.http_port)
+            .field("api_token", &self.api_token.as_ref().map(|_| "***"))
+            .field("app_token", &self.app_token.as_ref().map(|_| "***"))
+            .field("state_store", &self.state_store)
+            .field("pubsub", &self.pubsub)
+            .field("topics", &self.topics)
+            .finish()
+    }
 }
 
 /// Authentication settings (`Auth:*`).
@@ -512,6 +546,21 @@ impl Reader<'_> {
         out
     }
 
+    /// A secret setting: not read from appsettings.json in production
+    /// (use the environment, `secret:env:` or `secret:file:`).
+    fn secret_value(&mut self, key: &str, production: bool) -> Option<String> {
+        let e = self.layers.get(key)?.clone();
+        if e.from_file && !e.secret && production {
+            self.errors.push(format!(
+                "invalid configuration: {} is a secret and is not read from {} in production; \
+                 set it in the environment or as secret:env:NAME / secret:file:/path",
+                e.key, e.origin
+            ));
+            return None;
+        }
+        Some(e.value.trim().to_string()).filter(|v| !v.is_empty())
+    }
+
     /// Named code-source credentials. A token is a secret: in production it
     /// comes from the environment or a `TokenFile`, never from
     /// appsettings.json.
@@ -636,7 +685,10 @@ impl Layers {
                     .map(|v| v.trim_end_matches(['\n', '\r']).to_string())
                     .map_err(|err| format!("cannot read {path}: {err}"))
             } else {
-                Err("use secret:env:NAME or secret:file:/path".to_string())
+                Err(
+                    "use secret:env:NAME, secret:file:/path or secret:dapr:<store>/<name>"
+                        .to_string(),
+                )
             };
             match resolved {
                 Ok(v) => {
@@ -651,6 +703,69 @@ impl Layers {
         }
         errors
     }
+}
+
+/// Resolves `secret:dapr:<store>/<name>[/<key>]` references through the
+/// Dapr sidecar's secrets API (the seed's `DaprClient.GetSecretAsync`),
+/// before the other references. The sidecar is `Dapr:HttpPort` with
+/// `DAPR_API_TOKEN`.
+pub async fn resolve_dapr_secrets(layers: &mut Layers) -> Vec<String> {
+    let wanted: Vec<String> = layers
+        .map
+        .iter()
+        .filter(|(_, e)| e.value.starts_with("secret:dapr:"))
+        .map(|(k, _)| k.clone())
+        .collect();
+    if wanted.is_empty() {
+        return Vec::new();
+    }
+    let port = layers
+        .get("Dapr:HttpPort")
+        .and_then(|e| e.value.trim().parse::<u16>().ok())
+        .unwrap_or(3500);
+    let token =
+        layers
+            .get("Dapr:ApiToken")
+            .and_then(|e| match e.value.strip_prefix("secret:env:") {
+                Some(name) => std::env::var(name).ok(),
+                None => Some(e.value.trim().to_string()),
+            });
+    let client = match workmanager_backends::DaprClient::new(workmanager_backends::DaprSettings {
+        base_url: format!("http://127.0.0.1:{port}"),
+        api_token: token,
+        state_store: String::new(),
+        pubsub: String::new(),
+        timeout: Duration::from_secs(5),
+    }) {
+        Ok(c) => c,
+        Err(e) => return vec![e],
+    };
+    let mut errors = Vec::new();
+    for key in wanted {
+        let Some(e) = layers.map.get_mut(&key) else {
+            continue;
+        };
+        let reference = e.value.trim_start_matches("secret:dapr:").to_string();
+        let mut parts = reference.splitn(3, '/');
+        let (Some(store), Some(name)) = (parts.next(), parts.next()) else {
+            errors.push(format!(
+                "invalid configuration: {} = {:?}: use secret:dapr:<secret store>/<secret name>[/<key>]",
+                e.key, e.value
+            ));
+            continue;
+        };
+        match client.secret(store, name, parts.next()).await {
+            Ok(v) => {
+                e.value = v;
+                e.secret = true;
+            }
+            Err(why) => errors.push(format!(
+                "invalid configuration: {} (from {}): {why}",
+                e.key, e.origin
+            )),
+        }
+    }
+    errors
 }
 
 pub fn settings(layers: &Layers) -> Result<Settings, Vec<String>> {
@@ -792,6 +907,7 @@ pub fn settings(layers: &Layers) -> Result<Settings, Vec<String>> {
         &[
             ("embedded", StoreKind::Embedded),
             ("redis", StoreKind::Redis),
+            ("dapr", StoreKind::Dapr),
         ],
     );
     let mut redis_url = r.string("Redis:Url", "redis://127.0.0.1:6379");
@@ -824,6 +940,7 @@ pub fn settings(layers: &Layers) -> Result<Settings, Vec<String>> {
             ("embedded", BusKind::Embedded),
             ("redis", BusKind::Redis),
             ("nats", BusKind::Nats),
+            ("dapr", BusKind::Dapr),
         ],
     );
     let nats_url = r.string("Nats:Url", "nats://127.0.0.1:4222");
@@ -852,6 +969,15 @@ pub fn settings(layers: &Layers) -> Result<Settings, Vec<String>> {
         1024,
         64 * 1024 * 1024,
     ) as usize;
+    let dapr = DaprConfig {
+        http_port: r.int("Dapr:HttpPort", 3500, 1, 65535) as u16,
+        api_token: r.secret_value("Dapr:ApiToken", production),
+        app_token: r.secret_value("Dapr:AppApiToken", production),
+        state_store: r.string("stateStoreName", "statestore"),
+        pubsub: r.string("pubsubName", "pubsub"),
+        topics: layers.list("Dapr:Topics").unwrap_or_default(),
+    };
+    let _ = r.int("Dapr:GrpcPort", 50001, 1, 65535);
     let heartbeat_interval =
         Duration::from_secs(r.int("Instance:HeartbeatIntervalSeconds", 10, 1, 300));
     let stale_after = Duration::from_secs(r.int("Instance:StaleAfterSeconds", 60, 2, 3600));
@@ -933,6 +1059,7 @@ pub fn settings(layers: &Layers) -> Result<Settings, Vec<String>> {
             redis_url,
             redis_timeout,
             instance_id,
+            dapr,
             heartbeat_interval,
             stale_after,
             advertised_endpoint,

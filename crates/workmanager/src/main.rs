@@ -159,6 +159,13 @@ async fn serve_main(args: ServeArgs) -> ExitCode {
             }
         }
     }
+    let dapr_errors = config::resolve_dapr_secrets(&mut layers).await;
+    if !dapr_errors.is_empty() {
+        for e in dapr_errors {
+            say(&format!("error: {e}"));
+        }
+        return ExitCode::from(2);
+    }
     let settings = match config::settings(&layers) {
         Ok(s) => s,
         Err(errors) => {

@@ -12,8 +12,8 @@ use workmanager_api::jwt::JwtVerifier;
 use workmanager_api::server::{serve, ServeOptions};
 use workmanager_api::tls::TlsState;
 use workmanager_backends::{
-    EmbeddedBus, EmbeddedStore, NatsAuth, NatsBus, NatsBusSettings, RedisBus, RedisBusSettings,
-    RedisStore,
+    DaprBus, DaprClient, DaprSettings, DaprStore, EmbeddedBus, EmbeddedStore, NatsAuth, NatsBus,
+    NatsBusSettings, RedisBus, RedisBusSettings, RedisStore,
 };
 use workmanager_core::bus::Bus;
 use workmanager_core::{
@@ -117,7 +117,24 @@ pub async fn run(settings: Settings, port_file: Option<PathBuf>) -> Result<()> {
     };
     // Networked backends get retries and a circuit breaker (resilience.rs);
     // the embedded ones fail only with the disk.
+    let dapr_client = || {
+        DaprClient::new(DaprSettings {
+            base_url: format!("http://127.0.0.1:{}", settings.dapr.http_port),
+            api_token: settings.dapr.api_token.clone(),
+            state_store: settings.dapr.state_store.clone(),
+            pubsub: settings.dapr.pubsub.clone(),
+            timeout: std::time::Duration::from_secs(10),
+        })
+        .map_err(|e| anyhow!(e))
+    };
     let store: Arc<dyn StateStore> = match settings.state_store {
+        StoreKind::Dapr => {
+            let s = DaprStore::connect(dapr_client()?).await.map_err(|e| {
+                anyhow!("{e} (StateStore:Type=dapr, Dapr:HttpPort, stateStoreName)")
+            })?;
+            tracing::info!(component = %settings.dapr.state_store, "Dapr state store reached through the sidecar");
+            Arc::new(ResilientStore::new(Arc::new(s), resilience.clone()))
+        }
         StoreKind::Embedded => {
             let s = EmbeddedStore::open(&settings.state_store_path).map_err(|e| {
                 anyhow!("{e}; set StateStore:Path to a writable file (another workmanager may be using it)")
@@ -136,6 +153,22 @@ pub async fn run(settings: Settings, port_file: Option<PathBuf>) -> Result<()> {
 
     let fetcher = build_fetcher(&settings)?;
     let bus: Arc<dyn Bus> = match settings.pubsub {
+        BusKind::Dapr => {
+            let b = DaprBus::connect(
+                dapr_client()?,
+                settings.dapr.topics.clone(),
+                settings.dapr.app_token.clone(),
+                settings.queue_capacity,
+            )
+            .await
+            .map_err(|e| anyhow!("{e} (PubSub:Type=dapr, Dapr:HttpPort, pubsubName)"))?;
+            tracing::info!(component = %settings.dapr.pubsub, "Dapr pub/sub reached through the sidecar");
+            ResilientBus::new(
+                Arc::new(b),
+                resilience.clone(),
+                metrics.publish_buffer_dropped.clone(),
+            )
+        }
         BusKind::Embedded => Arc::new(EmbeddedBus::new(
             settings.queue_capacity,
             settings.publish_timeout,

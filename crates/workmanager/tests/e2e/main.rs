@@ -6,6 +6,7 @@ mod backends;
 mod bad_input;
 mod cli;
 mod cluster;
+mod dapr;
 mod grpc;
 mod logging;
 mod messaging;
