@@ -52,6 +52,10 @@ pub struct RedisBusSettings {
     pub capacity: usize,
     /// This instance's consumer name inside each group.
     pub consumer: String,
+    /// `Redis:MaxDeliver`: a message taken over this many times without
+    /// being settled (its consumers keep dying on it) goes to
+    /// `{topic}-dead` instead of being delivered again. Zero: no bound.
+    pub max_deliver: u64,
 }
 
 pub struct RedisBus {
@@ -260,7 +264,7 @@ impl Reader {
                 )
                 .await;
             if let Ok(reply) = r {
-                let entries = reply
+                let mut entries: Vec<Entry> = reply
                     .claimed
                     .into_iter()
                     .map(|e| Entry {
@@ -270,12 +274,96 @@ impl Reader {
                         id: e.id,
                     })
                     .collect();
+                if self.settings.max_deliver > 0 && !entries.is_empty() {
+                    let worn = self.delivered_too_often(&stream, &entries).await;
+                    if !worn.is_empty() {
+                        entries.retain(|e| !worn.contains(&e.id));
+                        self.dead_letter(&stream, &topic, worn).await;
+                    }
+                }
                 if !self.deliver(entries).await {
                     return false;
                 }
             }
         }
         true
+    }
+
+    /// Ids among freshly claimed `entries` whose delivery count passed
+    /// `max_deliver`, with their counts.
+    async fn delivered_too_often(&self, stream: &str, entries: &[Entry]) -> Vec<String> {
+        let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
+            return Vec::new();
+        };
+        let (first, last, n) = (first.id.clone(), last.id.clone(), entries.len());
+        let group = self.group.clone();
+        let stream_key = stream.to_string();
+        let pending: Result<redis::streams::StreamPendingCountReply, String> = self
+            .control
+            .run("XPENDING", |mut c| async move {
+                c.xpending_count(&stream_key, &group, &first, &last, n)
+                    .await
+            })
+            .await;
+        match pending {
+            Ok(p) => p
+                .ids
+                .into_iter()
+                .filter(|i| i.times_delivered as u64 > self.settings.max_deliver)
+                .map(|i| i.id)
+                .collect(),
+            Err(e) => {
+                tracing::debug!(error = %e, "XPENDING failed; delivering the claimed messages again");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Moves messages delivered too often to `{topic}-dead` (with the
+    /// reason), then acknowledges them, in one transaction.
+    async fn dead_letter(&self, stream: &str, topic: &str, ids: Vec<String>) {
+        let dead_key = stream_key(&format!("{topic}-dead"));
+        let stream = stream.to_string();
+        let (group, max) = (self.group.clone(), self.settings.max_deliver);
+        let ids_for_log = ids.len();
+        let result = self
+            .control
+            .run("dead-letter", |mut c| async move {
+                let entries: redis::streams::StreamRangeReply = {
+                    let mut all = Vec::new();
+                    for id in &ids {
+                        let r: redis::streams::StreamRangeReply =
+                            c.xrange(&stream, id, id).await?;
+                        all.extend(r.ids);
+                    }
+                    redis::streams::StreamRangeReply { ids: all }
+                };
+                let mut pipe = redis::pipe();
+                pipe.atomic();
+                for e in entries.ids {
+                    let Some(mut event) = e.map.get("e").and_then(decode) else {
+                        continue;
+                    };
+                    event.0.insert(
+                        "deadletterreason".into(),
+                        format!("delivered more than {max} times (Redis:MaxDeliver) without being settled; its consumers kept stopping on it").into(),
+                    );
+                    event.0.insert("deadletterworker".into(), group.clone().into());
+                    let body = serde_json::to_vec(&event.0).unwrap_or_default();
+                    pipe.cmd("XADD").arg(&dead_key).arg("*").arg("e").arg(body).ignore();
+                }
+                pipe.cmd("XACK").arg(&stream).arg(&group).arg(&ids).ignore();
+                pipe.query_async::<()>(&mut c).await
+            })
+            .await;
+        match result {
+            Ok(()) => {
+                tracing::warn!(group = %self.group, topic, messages = ids_for_log, "messages delivered too often were dead-lettered")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "dead-lettering failed; the messages stay pending")
+            }
+        }
     }
 
     /// Drops duplicates (one pipelined round trip for the whole read) and
@@ -523,6 +611,7 @@ mod tests {
             dedup_window: Duration::from_secs(60),
             capacity: 1024,
             consumer: consumer.into(),
+            max_deliver: 10,
         }
     }
 
@@ -597,6 +686,48 @@ mod tests {
         let d = recv(&mut s2.receiver).await;
         assert_eq!(d.event.0["data"], serde_json::json!(42));
         d.ack(Ack::Done);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_message_its_consumers_keep_dying_on_goes_to_the_dead_letter_topic() {
+        let r = RedisServer::start();
+        let strict = |consumer: &str| RedisBusSettings {
+            max_deliver: 2,
+            ..settings(consumer)
+        };
+        let mut seen = 0;
+        // Two consumers in turn take the message and die on it.
+        for name in ["i1", "i2"] {
+            let b = RedisBus::connect(&r.url(), strict(name)).await.unwrap();
+            let mut s = b.subscribe(&["t".into()], "w1").await.unwrap();
+            if name == "i1" {
+                b.publish("t", suite::ev(7)).await.unwrap();
+            }
+            let d = recv(&mut s.receiver).await;
+            assert_eq!(d.event.0["data"], serde_json::json!(7));
+            seen += 1;
+            std::mem::forget(d);
+            b.unsubscribe(&["t".into()], "w1").await;
+        }
+        // The third taker finds it delivered twice already: dead-lettered.
+        let b = RedisBus::connect(&r.url(), strict("i3")).await.unwrap();
+        let mut dead = b.subscribe(&["t-dead".into()], "dlq").await.unwrap();
+        let mut s = b.subscribe(&["t".into()], "w1").await.unwrap();
+        let d = recv(&mut dead.receiver).await;
+        assert_eq!(d.event.0["data"], serde_json::json!(7));
+        assert!(d
+            .event
+            .get_str("deadletterreason")
+            .unwrap()
+            .contains("Redis:MaxDeliver"));
+        d.ack(Ack::Done);
+        assert!(
+            tokio::time::timeout(Duration::from_secs(3), s.receiver.recv())
+                .await
+                .is_err(),
+            "not delivered a third time"
+        );
+        assert_eq!(seen, 2);
     }
 
     #[tokio::test(flavor = "multi_thread")]

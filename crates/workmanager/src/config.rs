@@ -162,6 +162,9 @@ pub struct Settings {
     /// worker to drop duplicates (0: off). Each id is a key in Redis for
     /// that long: at 10,000 messages/s a 60 s window holds ~600,000 keys.
     pub redis_dedup_window: Duration,
+    /// `Redis:MaxDeliver`: deliveries of a message its consumers never
+    /// settled before it goes to `{topic}-dead` (0: no bound).
+    pub redis_max_deliver: u64,
     /// `Redis:Url` (`redis://[user:password@]host:port[/db]`, `rediss://` for
     /// TLS; the password usually as `secret:env:NAME` around the whole URL).
     pub redis_url: String,
@@ -957,7 +960,8 @@ pub fn settings(layers: &Layers) -> Result<Settings, Vec<String>> {
     let redis_visibility_timeout =
         Duration::from_secs(r.int("Redis:VisibilityTimeoutSeconds", 60, 1, 86_400));
     let redis_dedup_window =
-        Duration::from_secs(r.int("Redis:DedupWindowSeconds", 600, 1, 604_800));
+        Duration::from_secs(r.int("Redis:DedupWindowSeconds", 600, 0, 604_800));
+    let redis_max_deliver = r.int("Redis:MaxDeliver", 10, 0, 1_000_000);
     let state_store_path = PathBuf::from(r.string("StateStore:Path", "./data/state.redb"));
     let drain_timeout = Duration::from_secs(r.int("Shutdown:DrainTimeoutSeconds", 30, 0, 3600));
     let queue_capacity = r.int("Messaging:QueueCapacity", 1024, 1, 1_000_000) as usize;
@@ -1056,6 +1060,7 @@ pub fn settings(layers: &Layers) -> Result<Settings, Vec<String>> {
             redis_stream_max_len,
             redis_visibility_timeout,
             redis_dedup_window,
+            redis_max_deliver,
             redis_url,
             redis_timeout,
             instance_id,

@@ -182,6 +182,7 @@ pub async fn run(settings: Settings, port_file: Option<PathBuf>) -> Result<()> {
                     dedup_window: settings.redis_dedup_window,
                     capacity: settings.queue_capacity,
                     consumer: settings.instance_id.clone(),
+                    max_deliver: settings.redis_max_deliver,
                 },
             )
             .await

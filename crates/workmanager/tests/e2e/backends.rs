@@ -109,6 +109,7 @@ async fn events_flow_through_redis_streams_and_wait_for_a_stopped_service() {
             dedup_window: std::time::Duration::from_secs(60),
             capacity: 16,
             consumer: "test-publisher".into(),
+            max_deliver: 10,
         },
     )
     .await

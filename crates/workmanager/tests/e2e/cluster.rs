@@ -231,6 +231,7 @@ async fn a_killed_instance_s_workers_are_taken_over_and_every_event_ends_up_once
             dedup_window: Duration::from_secs(600),
             capacity: 4096,
             consumer: "counter".into(),
+            max_deliver: 10,
         },
     )
     .await
@@ -381,6 +382,7 @@ async fn a_redis_restart_mid_stream_opens_the_breaker_buffers_and_loses_nothing(
             dedup_window: Duration::from_secs(600),
             capacity: 4096,
             consumer: "counter".into(),
+            max_deliver: 10,
         },
     )
     .await
