@@ -502,6 +502,38 @@ impl DaprBus {
     }
 }
 
+impl DaprBus {
+    async fn publish_one(&self, topic: &str, event: &CloudEvent) -> Result<(), BusError> {
+        let path = format!(
+            "/v1.0/publish/{}/{}",
+            urlencode(&self.intake.pubsub),
+            urlencode(topic)
+        );
+        let body = serde_json::to_vec(&event.0)
+            .map_err(|e| BusError::Unavailable(format!("event not serialisable: {e}")))?;
+        let r = self
+            .client
+            .request(reqwest::Method::POST, &path)
+            .header("content-type", "application/cloudevents+json")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| BusError::Unavailable(format!("Dapr publish: {e}")))?;
+        match r.status().as_u16() {
+            200..=299 => Ok(()),
+            401 | 403 => Err(BusError::Unavailable(TOKEN_REFUSED.into())),
+            404 => Err(BusError::Unavailable(format!(
+                "the Dapr sidecar has no pub/sub component named {:?} (pubsubName)",
+                self.intake.pubsub
+            ))),
+            s => Err(BusError::Unavailable(format!(
+                "Dapr publish answered {s}: {}",
+                r.text().await.unwrap_or_default()
+            ))),
+        }
+    }
+}
+
 #[async_trait]
 impl PushIntake for Intake {
     fn subscriptions(&self) -> (String, Vec<String>) {
@@ -576,41 +608,19 @@ impl Bus for DaprBus {
     }
 
     async fn publish(&self, topic: &str, event: CloudEvent) -> Result<(), BusError> {
-        let path = format!(
-            "/v1.0/publish/{}/{}",
-            urlencode(&self.intake.pubsub),
-            urlencode(topic)
-        );
-        let body = serde_json::to_vec(&event.0)
-            .map_err(|e| BusError::Unavailable(format!("event not serialisable: {e}")))?;
-        let r = self
-            .client
-            .request(reqwest::Method::POST, &path)
-            .header("content-type", "application/cloudevents+json")
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| BusError::Unavailable(format!("Dapr publish: {e}")))?;
-        match r.status().as_u16() {
-            200..=299 => Ok(()),
-            401 | 403 => Err(BusError::Unavailable(TOKEN_REFUSED.into())),
-            404 => Err(BusError::Unavailable(format!(
-                "the Dapr sidecar has no pub/sub component named {:?} (pubsubName)",
-                self.intake.pubsub
-            ))),
-            s => Err(BusError::Unavailable(format!(
-                "Dapr publish answered {s}: {}",
-                r.text().await.unwrap_or_default()
-            ))),
+        self.publish_one(topic, &event).await
+    }
+
+    async fn publish_slice(&self, topic: &str, events: &[CloudEvent]) -> Result<(), BusError> {
+        // In order: Dapr keeps per-topic order only for sequential publishes.
+        for e in events {
+            self.publish_one(topic, e).await?;
         }
+        Ok(())
     }
 
     async fn publish_many(&self, topic: &str, events: Vec<CloudEvent>) -> Result<(), BusError> {
-        // In order: Dapr keeps per-topic order only for sequential publishes.
-        for e in events {
-            self.publish(topic, e).await?;
-        }
-        Ok(())
+        self.publish_slice(topic, &events).await
     }
 
     async fn subscribe(&self, topics: &[String], group: &str) -> Result<Subscription, BusError> {

@@ -124,21 +124,51 @@ impl NatsBus {
     }
 }
 
-struct NatsAck(jetstream::Message);
+/// Settles one message through its subscription's ack task: one task per
+/// consumer sends the acknowledgements in order, instead of a task per
+/// message. A retry is a negative acknowledgement with a short delay, so
+/// the server redelivers soon instead of after `Nats:AckWaitSeconds`.
+struct NatsAck {
+    msg: std::sync::Mutex<Option<jetstream::Message>>,
+    acks: mpsc::UnboundedSender<(jetstream::Message, Ack)>,
+}
+
+impl NatsAck {
+    fn new(
+        msg: jetstream::Message,
+        acks: &mpsc::UnboundedSender<(jetstream::Message, Ack)>,
+    ) -> Self {
+        Self {
+            msg: std::sync::Mutex::new(Some(msg)),
+            acks: acks.clone(),
+        }
+    }
+}
 
 impl Acker for NatsAck {
     fn ack(&self, outcome: Ack) {
-        if outcome == Ack::Retry {
-            return; // redelivered after ack_wait
+        let taken = self.msg.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(m) = taken {
+            let _ = self.acks.send((m, outcome));
         }
-        let msg = self.0.clone();
-        tokio::spawn(async move {
-            if let Err(e) = msg.ack().await {
-                tracing::warn!(error = %e, "JetStream ack failed; the message will be redelivered");
-            }
-        });
     }
 }
+
+/// Sends a consumer's acknowledgements until its last message is settled.
+async fn ack_task(mut rx: mpsc::UnboundedReceiver<(jetstream::Message, Ack)>) {
+    while let Some((m, outcome)) = rx.recv().await {
+        let sent = match outcome {
+            Ack::Done => m.ack().await,
+            Ack::Retry => m.ack_with(jetstream::AckKind::Nak(Some(RETRY_DELAY))).await,
+        };
+        if let Err(e) = sent {
+            tracing::warn!(error = %e, "JetStream ack failed; the message will be redelivered");
+        }
+    }
+}
+
+/// How soon a message handed back for a retry is delivered again.
+const RETRY_DELAY: Duration = Duration::from_secs(1);
 
 #[async_trait]
 impl Bus for NatsBus {
@@ -152,10 +182,14 @@ impl Bus for NatsBus {
 
     /// Sends every event, then waits for every server acknowledgement.
     async fn publish_many(&self, topic: &str, events: Vec<CloudEvent>) -> Result<(), BusError> {
+        self.publish_slice(topic, &events).await
+    }
+
+    async fn publish_slice(&self, topic: &str, events: &[CloudEvent]) -> Result<(), BusError> {
         self.stream(topic).await?;
         let subj = subject(topic);
         let mut acks = Vec::with_capacity(events.len());
-        for e in &events {
+        for e in events {
             let payload = serde_json::to_vec(&e.0).map_err(unavailable)?;
             acks.push(
                 self.js
@@ -192,6 +226,8 @@ impl Bus for NatsBus {
                 .map_err(unavailable)?;
             let mut messages = consumer.messages().await.map_err(unavailable)?;
             let (tx, mut stop, topic) = (tx.clone(), stop_rx.clone(), Arc::<str>::from(t.as_str()));
+            let (acks, ack_rx) = mpsc::unbounded_channel();
+            tokio::spawn(ack_task(ack_rx));
             tokio::spawn(async move {
                 loop {
                     let next = tokio::select! {
@@ -201,13 +237,13 @@ impl Bus for NatsBus {
                     match next {
                         Some(Ok(m)) => {
                             let Some(event) = decode(&m.payload) else {
-                                NatsAck(m).ack(Ack::Done);
+                                NatsAck::new(m, &acks).ack(Ack::Done);
                                 continue;
                             };
                             let d = Delivery {
                                 topic: topic.clone(),
                                 event,
-                                acker: Some(Box::new(NatsAck(m))),
+                                acker: Some(Box::new(NatsAck::new(m, &acks))),
                             };
                             if tx.send(d).await.is_err() {
                                 return;

@@ -480,6 +480,10 @@ impl Bus for RedisBus {
     }
 
     async fn publish_many(&self, topic: &str, events: Vec<CloudEvent>) -> Result<(), BusError> {
+        self.publish_slice(topic, &events).await
+    }
+
+    async fn publish_slice(&self, topic: &str, events: &[CloudEvent]) -> Result<(), BusError> {
         if events.is_empty() {
             return Ok(());
         }
@@ -488,7 +492,7 @@ impl Bus for RedisBus {
         if events.len() > 1 {
             pipe.atomic();
         }
-        for e in &events {
+        for e in events {
             pipe.cmd("XADD")
                 .arg(&key)
                 .arg("MAXLEN")

@@ -93,6 +93,13 @@ pub trait Bus: Send + Sync {
         Ok(())
     }
 
+    /// Publishes borrowed events, in order: a networked bus serialises them
+    /// anyway, so a caller that must keep them (to retry or buffer) needs
+    /// no copy. The default copies and calls `publish_many`.
+    async fn publish_slice(&self, topic: &str, events: &[CloudEvent]) -> Result<(), BusError> {
+        self.publish_many(topic, events.to_vec()).await
+    }
+
     /// Joins (or creates) `group` on each topic; messages of all of them
     /// arrive on the one subscription, in publish order per topic.
     async fn subscribe(&self, topics: &[String], group: &str) -> Result<Subscription, BusError>;

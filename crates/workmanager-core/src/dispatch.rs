@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::collections::VecDeque;
 
 use serde_json::{json, Map, Value};
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, Semaphore};
 
 use crate::audit::RequestContext;
 use crate::bus::{Ack, BusError, Delivery, Subscription};
@@ -39,6 +39,25 @@ pub fn route(input: &CloudEvent, output: &mut CloudEvent) -> Option<String> {
         .map(String::from)
         .or(publishtopic)
         .or_else(|| output.get_str("type").map(String::from))
+}
+
+/// Batches whose outputs may wait for publishing at once, per worker.
+const FLUSH_QUEUE: usize = 2;
+
+type Outbox = Vec<(Option<(String, CloudEvent)>, Delivery)>;
+
+enum FlushJob {
+    Outbox(Outbox),
+    /// Answered once every outbox before it was published.
+    Barrier(tokio::sync::oneshot::Sender<()>),
+}
+
+/// Waits until the flusher published everything handed to it so far.
+async fn barrier(flusher: &mpsc::Sender<FlushJob>) {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if flusher.send(FlushJob::Barrier(tx)).await.is_ok() {
+        let _ = rx.await;
+    }
 }
 
 impl Manager {
@@ -84,6 +103,16 @@ impl Manager {
         let parallel = slot.max_concurrency.max(1) as usize;
         let permits = Arc::new(Semaphore::new(parallel));
         let mut pending: VecDeque<Delivery> = VecDeque::new();
+        // Outputs of a batch are published (then its inputs acknowledged) by
+        // this worker's flusher while the next batch already runs: on a
+        // networked bus the round trip overlaps the worker's processing.
+        // One FIFO keeps the order; a barrier drains it before anything
+        // else publishes for this worker (a failure, a single message).
+        let (flusher, jobs) = mpsc::channel::<FlushJob>(FLUSH_QUEUE);
+        let flushing = {
+            let (this, worker) = (self.clone(), slot.clone());
+            tokio::spawn(async move { this.run_flusher(&worker, jobs).await })
+        };
         loop {
             if pending.is_empty() {
                 match sub.receiver.recv().await {
@@ -129,14 +158,29 @@ impl Manager {
                 }
             } else if batch.len() == 1 {
                 if let Some(d) = batch.pop() {
+                    barrier(&flusher).await;
                     self.handle(&slot, d).await;
                 }
             } else if !batch.is_empty() {
-                pending.extend(self.handle_batch(&slot, batch).await);
+                pending.extend(self.handle_batch(&slot, batch, &flusher).await);
             }
         }
-        // Wait for the messages still running in parallel.
+        // Wait for the messages still running in parallel, and for the
+        // outputs still being published.
         let _ = permits.acquire_many(parallel as u32).await;
+        drop(flusher);
+        let _ = flushing.await;
+    }
+
+    async fn run_flusher(&self, slot: &Arc<Slot>, mut jobs: mpsc::Receiver<FlushJob>) {
+        while let Some(job) = jobs.recv().await {
+            match job {
+                FlushJob::Outbox(outbox) => self.flush(slot, outbox).await,
+                FlushJob::Barrier(done) => {
+                    let _ = done.send(());
+                }
+            }
+        }
     }
 
     /// A run of queued messages, pipelined to the worker in order. Messages
@@ -148,7 +192,12 @@ impl Manager {
     /// their inputs are acknowledged: on a networked bus that is one round
     /// trip for the batch instead of one per message. A failed message
     /// first flushes the outputs before it, so order holds.
-    async fn handle_batch(&self, slot: &Arc<Slot>, deliveries: Vec<Delivery>) -> Vec<Delivery> {
+    async fn handle_batch(
+        &self,
+        slot: &Arc<Slot>,
+        deliveries: Vec<Delivery>,
+        flusher: &mpsc::Sender<FlushJob>,
+    ) -> Vec<Delivery> {
         let events: Vec<&CloudEvent> = deliveries.iter().map(|d| &d.event).collect();
         let results = self.invoke_batch(slot, &events).await;
         drop(events);
@@ -162,20 +211,34 @@ impl Manager {
                     outbox.push((out, delivery));
                 }
                 Err(e) => {
-                    self.flush(slot, std::mem::take(&mut outbox)).await;
+                    self.flush_via(slot, flusher, std::mem::take(&mut outbox))
+                        .await;
+                    barrier(flusher).await;
                     self.settle(slot, delivery, Err(e)).await;
                 }
             }
         }
-        self.flush(slot, outbox).await;
+        self.flush_via(slot, flusher, outbox).await;
         rest.collect()
+    }
+
+    /// Hands an outbox to the flusher (or flushes here if it is gone).
+    async fn flush_via(&self, slot: &Slot, flusher: &mpsc::Sender<FlushJob>, outbox: Outbox) {
+        if outbox.is_empty() {
+            return;
+        }
+        if let Err(mpsc::error::SendError(FlushJob::Outbox(o))) =
+            flusher.send(FlushJob::Outbox(outbox)).await
+        {
+            self.flush(slot, o).await;
+        }
     }
 
     /// Publishes the outputs of settled messages, then acknowledges them:
     /// each run of one destination in one `publish_many`; the inputs of a
     /// run whose publish failed go back for redelivery (their outputs get
     /// the same ids again, so nothing is lost and duplicates are dropped).
-    async fn flush(&self, slot: &Slot, outbox: Vec<(Option<(String, CloudEvent)>, Delivery)>) {
+    async fn flush(&self, slot: &Slot, outbox: Outbox) {
         let mut run: Vec<CloudEvent> = Vec::new();
         let mut run_topic: Option<String> = None;
         let mut run_inputs: Vec<Delivery> = Vec::with_capacity(outbox.len());

@@ -288,11 +288,10 @@ impl Bus for ResilientBus {
                 self.keep(topic, events);
                 return Ok(());
             }
-            // A copy per attempt: a failed attempt must leave the events to
-            // retry or buffer (only networked buses are wrapped).
+            // Borrowed: a failed attempt leaves the events to retry or buffer.
             let attempt_result = tokio::time::timeout(
                 self.settings.call_timeout,
-                self.inner.publish_many(topic, events.clone()),
+                self.inner.publish_slice(topic, &events),
             )
             .await
             .unwrap_or_else(|_| Err(BusError::Unavailable(self.timed_out())));
