@@ -35,6 +35,15 @@ pub struct NatsAuth {
     pub token: Option<String>,
     pub user: Option<String>,
     pub password: Option<String>,
+    /// `Nats:NKeySeed`: an nkey seed (a secret) to sign the server's nonce.
+    pub nkey_seed: Option<String>,
+    /// `Nats:CredentialsFile`: a `.creds` file (JWT + nkey seed).
+    pub credentials_file: Option<std::path::PathBuf>,
+    /// `Nats:CaPath`: CA bundle for the server's certificate (TLS on).
+    pub ca: Option<std::path::PathBuf>,
+    /// `Nats:ClientCertificatePath` / `Nats:ClientKeyPath`: our
+    /// certificate, for servers that verify clients (TLS on).
+    pub client_certificate: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 pub struct NatsBus {
@@ -86,12 +95,33 @@ impl NatsBus {
         if let (Some(u), Some(p)) = (auth.user, auth.password) {
             opts = opts.user_and_password(u, p);
         }
+        if let Some(seed) = auth.nkey_seed {
+            opts = opts.nkey(seed);
+        }
+        if let Some(path) = auth.credentials_file {
+            opts = opts.credentials_file(&path).await.map_err(|e| {
+                BusError::Unavailable(format!(
+                    "cannot read {} (Nats:CredentialsFile): {e}",
+                    path.display()
+                ))
+            })?;
+        }
+        let mut tls = url.starts_with("tls://");
+        if let Some(ca) = auth.ca {
+            opts = opts.add_root_certificates(ca);
+            tls = true;
+        }
+        if let Some((cert, key)) = auth.client_certificate {
+            opts = opts.add_client_certificate(cert, key);
+            tls = true;
+        }
+        opts = opts.require_tls(tls);
         let client = tokio::time::timeout(Duration::from_secs(10), opts.connect(url))
             .await
             .map_err(|_| BusError::Unavailable(format!("NATS at {url} did not answer (Nats:Url)")))?
             .map_err(|e| {
                 BusError::Unavailable(format!(
-                    "cannot connect to NATS at {url}: {e} (Nats:Url, Nats:Token / Nats:User / Nats:Password)"
+                    "cannot connect to NATS at {url}: {e} (Nats:Url, Nats:Token / Nats:User / Nats:Password / Nats:NKeySeed / Nats:CredentialsFile, Nats:CaPath / Nats:ClientCertificatePath)"
                 ))
             })?;
         let js = jetstream::new(client.clone());
@@ -303,19 +333,26 @@ mod tests {
     use crate::bus_suite as suite;
     use crate::testing::NatsServer;
 
+    fn settings() -> NatsBusSettings {
+        NatsBusSettings {
+            stream_max_messages: 100_000,
+            ack_wait: Duration::from_secs(1),
+            max_deliver: 5,
+            capacity: 1024,
+        }
+    }
+
     async fn bus(n: &NatsServer) -> NatsBus {
-        NatsBus::connect(
-            &n.url(),
-            NatsAuth::default(),
-            NatsBusSettings {
-                stream_max_messages: 100_000,
-                ack_wait: Duration::from_secs(1),
-                max_deliver: 5,
-                capacity: 1024,
-            },
-        )
-        .await
-        .unwrap()
+        NatsBus::connect(&n.url(), NatsAuth::default(), settings())
+            .await
+            .unwrap()
+    }
+
+    async fn recv(rx: &mut mpsc::Receiver<Delivery>) -> Delivery {
+        tokio::time::timeout(Duration::from_secs(20), rx.recv())
+            .await
+            .expect("a delivery within 20 s")
+            .expect("the subscription is open")
     }
 
     #[tokio::test(flavor = "multi_thread")]
@@ -363,5 +400,105 @@ mod tests {
         assert_eq!(safe_name("wm_", "tp.out"), "wm_tp_2eout");
         assert_ne!(safe_name("wm_", "a.b"), safe_name("wm_", "a_b"));
         assert_eq!(subject("a.b"), "workmanager.topic.a.b");
+    }
+
+    /// A throwaway CA and a certificate it signed for `names`, as PEM.
+    fn ca_and_leaf(
+        ca: &rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+        names: &[&str],
+    ) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let p =
+            rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        (p.signed_by(&key, ca).unwrap().pem(), key.serialize_pem())
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn tls_with_client_certificates_connects_only_with_ours() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca =
+            rcgen::CertifiedIssuer::self_signed(p, rcgen::KeyPair::generate().unwrap()).unwrap();
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        let ca_path = write("ca.pem", &ca.pem());
+        let (server_cert, server_key) = ca_and_leaf(&ca, &["127.0.0.1", "localhost"]);
+        let (client_cert, client_key) = ca_and_leaf(&ca, &["workmanager"]);
+        let (sc, sk) = (
+            write("server.pem", &server_cert),
+            write("server.key", &server_key),
+        );
+        let (cc, ck) = (
+            write("client.pem", &client_cert),
+            write("client.key", &client_key),
+        );
+        let nats = NatsServer::start_with(&[
+            "--tls",
+            "--tlscert",
+            sc.to_str().unwrap(),
+            "--tlskey",
+            sk.to_str().unwrap(),
+            "--tlscacert",
+            ca_path.to_str().unwrap(),
+            "--tlsverify",
+        ]);
+        let auth = |client: bool| NatsAuth {
+            ca: Some(ca_path.clone()),
+            client_certificate: client.then(|| (cc.clone(), ck.clone())),
+            ..NatsAuth::default()
+        };
+        let b = NatsBus::connect(&nats.url(), auth(true), settings())
+            .await
+            .unwrap();
+        let mut s = b.subscribe(&["t".into()], "w1").await.unwrap();
+        b.publish("t", suite::ev(5)).await.unwrap();
+        let d = recv(&mut s.receiver).await;
+        assert_eq!(d.event.0["data"], serde_json::json!(5));
+        d.ack(Ack::Done);
+        assert!(
+            NatsBus::connect(&nats.url(), auth(false), settings())
+                .await
+                .is_err(),
+            "a client without a certificate is refused"
+        );
+        let plain = NatsBus::connect(&nats.url(), NatsAuth::default(), settings()).await;
+        assert!(plain.is_err(), "plain text is refused");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn consumers_resume_after_a_server_restart() {
+        let mut nats = NatsServer::start();
+        let b = NatsBus::connect(&nats.url(), NatsAuth::default(), settings())
+            .await
+            .unwrap();
+        let mut s = b.subscribe(&["t".into()], "w1").await.unwrap();
+        b.publish("t", suite::ev(1)).await.unwrap();
+        recv(&mut s.receiver).await.ack(Ack::Done);
+        nats.restart();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while b.publish("t", suite::ev(2)).await.is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "publishing never recovered"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        loop {
+            let d = tokio::time::timeout(Duration::from_secs(30), s.receiver.recv())
+                .await
+                .expect("the consumer resumed")
+                .expect("open");
+            let n = d.event.0["data"].as_u64();
+            d.ack(Ack::Done);
+            if n == Some(2) {
+                break;
+            }
+            assert_eq!(n, Some(1), "only a redelivery of 1 may come first");
+        }
     }
 }

@@ -122,29 +122,25 @@ impl Drop for RedisServer {
 pub struct NatsServer {
     pub port: u16,
     child: Child,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
+    args: Vec<String>,
 }
 
 impl NatsServer {
     pub fn start() -> NatsServer {
+        Self::start_with(&[])
+    }
+
+    /// As `start`, with more server flags (e.g. `--tls ...`).
+    pub fn start_with(args: &[&str]) -> NatsServer {
         let dir = tempfile::tempdir().expect("temp dir");
         let port = free_port();
-        let bin = if std::path::Path::new("/usr/sbin/nats-server").exists() {
-            "/usr/sbin/nats-server"
-        } else {
-            "nats-server"
-        };
-        let child = Command::new(bin)
-            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start nats-server (is it installed? scripts/test installs it)");
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         let mut server = NatsServer {
             port,
-            child,
-            _dir: dir,
+            child: spawn_nats(port, dir.path(), &args),
+            dir,
+            args,
         };
         wait_listening(&mut server.child, port, "nats-server");
         server
@@ -153,6 +149,30 @@ impl NatsServer {
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
+
+    /// Kills the server and starts it again on the same port and store.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = spawn_nats(self.port, self.dir.path(), &self.args);
+        wait_listening(&mut self.child, self.port, "nats-server");
+    }
+}
+
+fn spawn_nats(port: u16, dir: &std::path::Path, args: &[String]) -> Child {
+    let bin = if std::path::Path::new("/usr/sbin/nats-server").exists() {
+        "/usr/sbin/nats-server"
+    } else {
+        "nats-server"
+    };
+    Command::new(bin)
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+        .arg(dir)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start nats-server (is it installed? scripts/test installs it)")
 }
 
 impl Drop for NatsServer {

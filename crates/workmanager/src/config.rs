@@ -147,6 +147,12 @@ pub struct Settings {
     pub nats_token: Option<String>,
     pub nats_user: Option<String>,
     pub nats_password: Option<String>,
+    /// `Nats:NKeySeed` (a secret), `Nats:CredentialsFile`, `Nats:CaPath`,
+    /// `Nats:ClientCertificatePath` + `Nats:ClientKeyPath`.
+    pub nats_nkey_seed: Option<String>,
+    pub nats_credentials_file: Option<PathBuf>,
+    pub nats_ca: Option<PathBuf>,
+    pub nats_client_certificate: Option<(PathBuf, PathBuf)>,
     /// `Nats:AckWaitSeconds`: redelivery of unacknowledged messages.
     pub nats_ack_wait: Duration,
     /// `Nats:MaxDeliver`: deliveries of one message at most.
@@ -952,6 +958,24 @@ pub fn settings(layers: &Layers) -> Result<Settings, Vec<String>> {
     let nats_password = layers
         .get("Nats:Password")
         .map(|e| e.value.trim().to_string());
+    let nats_nkey_seed = r.secret_value("Nats:NKeySeed", production);
+    let path_of = |key: &str| layers.get(key).map(|e| PathBuf::from(e.value.trim()));
+    let nats_credentials_file = path_of("Nats:CredentialsFile");
+    let nats_ca = path_of("Nats:CaPath");
+    let nats_client_certificate = match (
+        layers.get("Nats:ClientCertificatePath").cloned(),
+        layers.get("Nats:ClientKeyPath").cloned(),
+    ) {
+        (Some(c), Some(k)) => Some((PathBuf::from(c.value.trim()), PathBuf::from(k.value.trim()))),
+        (None, None) => None,
+        (Some(e), None) | (None, Some(e)) => {
+            r.fail(
+                &e,
+                "Nats:ClientCertificatePath and Nats:ClientKeyPath go together; set both",
+            );
+            None
+        }
+    };
     let nats_ack_wait = Duration::from_secs(r.int("Nats:AckWaitSeconds", 60, 1, 86_400));
     let nats_max_deliver = r.int("Nats:MaxDeliver", 10, 1, 1000) as i64;
     let nats_stream_max_messages =
@@ -1054,6 +1078,10 @@ pub fn settings(layers: &Layers) -> Result<Settings, Vec<String>> {
             nats_token,
             nats_user,
             nats_password,
+            nats_nkey_seed,
+            nats_credentials_file,
+            nats_ca,
+            nats_client_certificate,
             nats_ack_wait,
             nats_max_deliver,
             nats_stream_max_messages,

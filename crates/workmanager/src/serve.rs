@@ -201,6 +201,10 @@ pub async fn run(settings: Settings, port_file: Option<PathBuf>) -> Result<()> {
                     token: settings.nats_token.clone(),
                     user: settings.nats_user.clone(),
                     password: settings.nats_password.clone(),
+                    nkey_seed: settings.nats_nkey_seed.clone(),
+                    credentials_file: settings.nats_credentials_file.clone(),
+                    ca: settings.nats_ca.clone(),
+                    client_certificate: settings.nats_client_certificate.clone(),
                 },
                 NatsBusSettings {
                     stream_max_messages: settings.nats_stream_max_messages,
