@@ -501,4 +501,37 @@ mod tests {
             assert_eq!(n, Some(1), "only a redelivery of 1 may come first");
         }
     }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_nkey_user_connects_and_a_wrong_seed_is_refused() {
+        let user = nkeys::KeyPair::new_user();
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("nats.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "authorization {{ users = [ {{ nkey: {} }} ] }}\n",
+                user.public_key()
+            ),
+        )
+        .unwrap();
+        let nats = NatsServer::start_with(&["-c", conf.to_str().unwrap()]);
+        let auth = |seed: String| NatsAuth {
+            nkey_seed: Some(seed),
+            ..NatsAuth::default()
+        };
+        let b = NatsBus::connect(&nats.url(), auth(user.seed().unwrap()), settings())
+            .await
+            .unwrap();
+        b.publish("t", suite::ev(1)).await.unwrap();
+        let stranger = nkeys::KeyPair::new_user().seed().unwrap();
+        assert!(NatsBus::connect(&nats.url(), auth(stranger), settings())
+            .await
+            .is_err());
+        assert!(
+            NatsBus::connect(&nats.url(), NatsAuth::default(), settings())
+                .await
+                .is_err()
+        );
+    }
 }
