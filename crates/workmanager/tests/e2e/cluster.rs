@@ -505,3 +505,93 @@ async fn a_redis_restart_mid_stream_opens_the_breaker_buffers_and_loses_nothing(
     assert_eq!(got.len(), distinct.len(), "one output id per input");
     assert_eq!(distinct, expected, "only what was published or accepted");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forwarding_uses_mtls_and_passes_the_caller_s_credential_on() {
+    use sha2::Digest;
+    let redis = RedisServer::start();
+    let ca = crate::security::Ca::new("cluster CA");
+    let certs = tempfile::tempdir().unwrap();
+    let ca_path = crate::security::write(certs.path(), "ca.pem", &ca.pem());
+    let key_of = |k: &str| hex::encode(sha2::Sha256::digest(k.as_bytes()));
+    let start = |name: &str| {
+        let leaf = ca.leaf(&["localhost", "127.0.0.1"], false);
+        let cert = crate::security::write(certs.path(), &format!("{name}.pem"), &leaf.cert);
+        let key = crate::security::write(certs.path(), &format!("{name}.key"), &leaf.key);
+        let mut settings = cluster_settings(&redis);
+        settings.extend([
+            format!("Tls:CertificatePath={}", cert.display()),
+            format!("Tls:KeyPath={}", key.display()),
+            format!("Tls:ClientCaPath={}", ca_path.display()),
+            format!("Auth:ApiKeys:ops:Sha256={}", key_of("ops-key-0123456789")),
+            "Auth:ApiKeys:ops:Role=admin".to_string(),
+            format!("Auth:ApiKeys:peek:Sha256={}", key_of("peek-key-0123456789")),
+            "Auth:ApiKeys:peek:Role=viewer".to_string(),
+        ]);
+        let dir = tempfile::tempdir().unwrap();
+        let settings: Vec<&str> = settings.iter().map(String::as_str).collect();
+        let svc = Service::start_env(dir.path(), &settings, &[("HOSTNAME", name)]);
+        (svc, dir)
+    };
+    let ((a, _da), (b, _db)) = (start("tls-a"), start("tls-b"));
+    let client = ca.leaf(&["caller"], false);
+    let wait = |port: u16| {
+        let (ca, client) = (ca.pem(), &client);
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                if let Ok(mut c) = crate::security::grpc_tls(port, &ca, Some(client)).await {
+                    let mut r = tonic::Request::new(pb::ListWorkersRequest::default());
+                    r.metadata_mut()
+                        .insert("x-api-key", "peek-key-0123456789".parse().unwrap());
+                    if c.list_workers(r).await.is_ok() {
+                        return c;
+                    }
+                }
+                assert!(Instant::now() < deadline, "TLS instance not ready");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let mut ga = wait(a.grpc).await;
+    let mut gb = wait(b.grpc).await;
+    let mut create = tonic::Request::new(create_req(ECHO, true));
+    create
+        .metadata_mut()
+        .insert("x-api-key", "ops-key-0123456789".parse().unwrap());
+    let id = ga.create_worker(create).await.unwrap().into_inner().id;
+
+    // Through B to A, over mTLS, with the caller's key checked again at A.
+    let mut get = tonic::Request::new(pb::GetWorkerRequest { id: id.clone() });
+    get.metadata_mut()
+        .insert("x-api-key", "peek-key-0123456789".parse().unwrap());
+    let w = gb.get_worker(get).await.unwrap().into_inner();
+    assert_eq!(w.instance_id, "tls-a");
+    // A viewer may not stop it: refused at B, never forwarded.
+    let mut stop = tonic::Request::new(pb::StopWorkerRequest { id: id.clone() });
+    stop.metadata_mut()
+        .insert("x-api-key", "peek-key-0123456789".parse().unwrap());
+    assert_eq!(
+        gb.stop_worker(stop).await.unwrap_err().code(),
+        tonic::Code::PermissionDenied
+    );
+    // An admin may: the forwarded request carries the admin's key.
+    let mut stop = tonic::Request::new(pb::StopWorkerRequest { id: id.clone() });
+    stop.metadata_mut()
+        .insert("x-api-key", "ops-key-0123456789".parse().unwrap());
+    let w = gb
+        .stop_worker(stop)
+        .await
+        .unwrap()
+        .into_inner()
+        .worker
+        .unwrap();
+    assert_eq!(
+        (w.instance_id.as_str(), w.status()),
+        ("tls-a", WorkerStatus::Stopped)
+    );
+    assert!(
+        a.logs().contains("apikey:ops"),
+        "A audited the forwarded stop under the caller's identity"
+    );
+}

@@ -12,17 +12,17 @@ use workmanager_api::pb::work_manager_client::WorkManagerClient;
 use crate::common::*;
 
 /// A CA that can sign server and client certificates, as PEM files.
-struct Ca {
+pub(crate) struct Ca {
     issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
 }
 
-struct Pem {
-    cert: String,
-    key: String,
+pub(crate) struct Pem {
+    pub(crate) cert: String,
+    pub(crate) key: String,
 }
 
 impl Ca {
-    fn new(name: &str) -> Ca {
+    pub(crate) fn new(name: &str) -> Ca {
         let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         p.distinguished_name.push(rcgen::DnType::CommonName, name);
@@ -32,11 +32,11 @@ impl Ca {
         }
     }
 
-    fn pem(&self) -> String {
+    pub(crate) fn pem(&self) -> String {
         self.issuer.pem()
     }
 
-    fn leaf(&self, names: &[&str], expired: bool) -> Pem {
+    pub(crate) fn leaf(&self, names: &[&str], expired: bool) -> Pem {
         let key = rcgen::KeyPair::generate().unwrap();
         let mut p =
             rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
@@ -53,13 +53,13 @@ impl Ca {
     }
 }
 
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+pub(crate) fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, text).unwrap();
     p
 }
 
-async fn grpc_tls(
+pub(crate) async fn grpc_tls(
     port: u16,
     ca: &str,
     client: Option<&Pem>,
