@@ -140,6 +140,23 @@ async fn requests_reaching_any_instance_are_served_by_the_owner() {
         assert_eq!(owners.get(&id).map(String::as_str), Some("inst-a"));
         assert_eq!(owners.get(&other).map(String::as_str), Some("inst-c"));
     }
+    // A fourth instance starting, and RecoverWorkers on B, leave a live
+    // owner's workers alone.
+    let d = member(&redis, "inst-d");
+    d.svc.wait_ready().await;
+    let recovered = gb
+        .recover_workers(pb::RecoverWorkersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .recovered_count;
+    assert_eq!(
+        recovered, 0,
+        "nothing to recover while every owner is alive"
+    );
+    let mut gd = d.svc.grpc().await;
+    assert_eq!(info(&mut gd, &id).await.instance_id, "inst-a");
+    assert_eq!(info(&mut gd, &other).await.instance_id, "inst-c");
     // All of it happened on A: one owner, no copy elsewhere.
     assert!(
         a.svc.logs().contains("\"LoadCodeFromContent\""),
