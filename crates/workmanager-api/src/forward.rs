@@ -169,25 +169,7 @@ impl Forwarder {
             Route::Forward { owner, endpoint } => (owner, endpoint),
         };
         let client = self.client(&url).map_err(Status::unavailable)?;
-        let mut out = Request::new(req.get_ref().clone());
-        let md = out.metadata_mut();
-        if let Ok(v) = AsciiMetadataValue::try_from(self.instance_id.as_str()) {
-            md.insert(FORWARDED_BY, v);
-        }
-        if let Ok(v) = AsciiMetadataValue::try_from(ctx.correlation_id.as_str()) {
-            md.insert("x-correlation-id", v);
-        }
-        if let Some(cred) = req
-            .extensions()
-            .get::<Caller>()
-            .and_then(|c| c.credential.clone())
-        {
-            // A header value that is not visible ASCII cannot be metadata;
-            // the owner then answers UNAUTHENTICATED, as it should.
-            if let Ok(v) = MetadataValue::try_from(cred.value.as_bytes()) {
-                md.insert(cred.header, v);
-            }
-        }
+        let out = self.outgoing(&req, &ctx.correlation_id);
         tracing::debug!(worker_id = %id, owner = %owner, endpoint = %url, "forwarding to the owner");
         match call(client, out).await {
             Ok(resp) => Ok(Forwarded::Done(resp)),
@@ -207,6 +189,64 @@ impl Forwarder {
             }
             Err(s) => Err(s),
         }
+    }
+}
+
+impl Forwarder {
+    /// A copy of `req` for a peer: the hop guard, the correlation id and the
+    /// caller's credential header.
+    fn outgoing<Req: Clone>(&self, req: &Request<Req>, correlation_id: &str) -> Request<Req> {
+        let mut out = Request::new(req.get_ref().clone());
+        let md = out.metadata_mut();
+        if let Ok(v) = AsciiMetadataValue::try_from(self.instance_id.as_str()) {
+            md.insert(FORWARDED_BY, v);
+        }
+        if let Ok(v) = AsciiMetadataValue::try_from(correlation_id) {
+            md.insert("x-correlation-id", v);
+        }
+        if let Some(cred) = req
+            .extensions()
+            .get::<Caller>()
+            .and_then(|c| c.credential.clone())
+        {
+            // A header value that is not visible ASCII cannot be metadata;
+            // the owner then answers UNAUTHENTICATED, as it should.
+            if let Ok(v) = MetadataValue::try_from(cred.value.as_bytes()) {
+                md.insert(cred.header, v);
+            }
+        }
+        out
+    }
+
+    /// Each live peer's own workers (asked with the hop guard, so a peer
+    /// lists only what it hosts), for ListWorkers' live counters. A peer
+    /// that does not answer is left out: the store's record stands in.
+    pub async fn peer_lists(
+        &self,
+        req: &Request<crate::pb::ListWorkersRequest>,
+        correlation_id: &str,
+        peers: Vec<(String, String)>,
+    ) -> Vec<crate::pb::WorkerInfo> {
+        let calls = peers.into_iter().map(|(owner, url)| {
+            let out = self.outgoing(req, correlation_id);
+            let client = self.client(&url);
+            async move {
+                let mut c = client.ok()?;
+                match c.list_workers(out).await {
+                    Ok(r) => Some(r.into_inner().workers),
+                    Err(e) => {
+                        tracing::debug!(owner = %owner, error = %e, "a peer did not list its workers");
+                        None
+                    }
+                }
+            }
+        });
+        futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .flatten()
+            .flatten()
+            .collect()
     }
 }
 

@@ -192,12 +192,22 @@ impl WorkManager for WorkManagerService {
         req: Request<pb::ListWorkersRequest>,
     ) -> Result<Response<pb::ListWorkersResponse>, Status> {
         let filters: Vec<(String, String)> = req
-            .into_inner()
+            .get_ref()
             .filters
-            .into_iter()
-            .map(|f| (f.key, f.value))
+            .iter()
+            .map(|f| (f.key.clone(), f.value.clone()))
             .collect();
-        let workers = self
+        // A peer asking for our own workers gets only those.
+        if req.metadata().contains_key(crate::forward::FORWARDED_BY) {
+            let workers = self
+                .manager
+                .list(&filters)
+                .iter()
+                .map(worker_info)
+                .collect();
+            return Ok(Response::new(pb::ListWorkersResponse { workers }));
+        }
+        let mut workers: Vec<pb::WorkerInfo> = self
             .manager
             .list_all(&filters)
             .await
@@ -205,6 +215,26 @@ impl WorkManager for WorkManagerService {
             .iter()
             .map(worker_info)
             .collect();
+        // Workers hosted elsewhere: their owners' live view (counters).
+        let me = self.manager.instance_id();
+        if workers.iter().any(|w| w.instance_id != me) {
+            let peers = self.manager.live_peers().await.map_err(status)?;
+            let ctx = context(&req);
+            let live: std::collections::HashMap<String, pb::WorkerInfo> = self
+                .forwarder
+                .peer_lists(&req, &ctx.correlation_id, peers)
+                .await
+                .into_iter()
+                .map(|w| (w.id.clone(), w))
+                .collect();
+            for w in workers.iter_mut() {
+                if w.instance_id != me {
+                    if let Some(l) = live.get(&w.id) {
+                        *w = l.clone();
+                    }
+                }
+            }
+        }
         Ok(Response::new(pb::ListWorkersResponse { workers }))
     }
 

@@ -111,6 +111,27 @@ impl Manager {
         (age < self.cluster().stale_after.as_millis() as u64).then_some(beat)
     }
 
+    /// The other live instances and their advertised endpoints (empty
+    /// with an unshared store).
+    pub async fn live_peers(&self) -> Result<Vec<(String, String)>> {
+        if !self.inner.store.shared() {
+            return Ok(Vec::new());
+        }
+        let mut peers = Vec::new();
+        for key in self.inner.store.list(&keys::instance("")).await? {
+            let id = key.trim_start_matches(&keys::instance(""));
+            if id == self.instance_id() {
+                continue;
+            }
+            if let Some(beat) = self.live_instance(id).await {
+                if !beat.endpoint.is_empty() {
+                    peers.push((beat.instance_id, beat.endpoint));
+                }
+            }
+        }
+        Ok(peers)
+    }
+
     /// Decides where a worker-scoped request for `id` is served. `forwarded`:
     /// the request already came from a peer, so it is not forwarded again.
     pub async fn route(&self, ctx: &RequestContext, id: &str, forwarded: bool) -> Result<Route> {

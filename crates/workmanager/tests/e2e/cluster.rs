@@ -211,6 +211,17 @@ async fn requests_reaching_any_instance_are_served_by_the_owner() {
         (w.instance_id.as_str(), w.messages_processed),
         ("inst-a", 1)
     );
+    // ListWorkers anywhere shows the owner's live counters too.
+    let listed = gc
+        .list_workers(pb::ListWorkersRequest { filters: vec![] })
+        .await
+        .unwrap()
+        .into_inner()
+        .workers
+        .into_iter()
+        .find(|w| w.id == echo)
+        .expect("listed");
+    assert_eq!(listed.messages_processed, 1);
 
     // Delete via C: gone everywhere.
     gc.delete_worker(pb::DeleteWorkerRequest { id: id.clone() })
