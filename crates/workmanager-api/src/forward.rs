@@ -132,12 +132,29 @@ impl Forwarder {
         Ok(WorkManagerClient::new(channel))
     }
 
-    /// Whether a fresh connection to the peer succeeds now.
+    /// Whether the peer's port accepts a TCP connection now. Deliberately
+    /// below TLS: a peer that is up but whose certificate we cannot verify
+    /// is a configuration error to report, not a dead owner whose workers
+    /// may be taken (that would move them back and forth on every request).
     async fn reachable(&self, url: &str) -> bool {
-        match self.endpoint(url) {
-            Ok(e) => e.connect().await.is_ok(),
-            Err(_) => false,
-        }
+        let Ok(u) = url::Url::parse(url) else {
+            return false;
+        };
+        let (Some(host), Some(port)) = (u.host_str(), u.port_or_known_default()) else {
+            return false;
+        };
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        matches!(
+            tokio::time::timeout(
+                CONNECT_TIMEOUT,
+                tokio::net::TcpStream::connect((host, port))
+            )
+            .await,
+            Ok(Ok(_))
+        )
     }
 
     fn forget(&self, url: &str) {

@@ -158,8 +158,9 @@ async fn requests_reaching_any_instance_are_served_by_the_owner() {
     assert_eq!(info(&mut gd, &id).await.instance_id, "inst-a");
     assert_eq!(info(&mut gd, &other).await.instance_id, "inst-c");
     // All of it happened on A: one owner, no copy elsewhere.
+    let reload = |l: &str| l.contains("\"LoadCodeFromContent\"");
     assert!(
-        a.svc.logs().contains("\"LoadCodeFromContent\""),
+        a.svc.logs_with(reload).await.lines().any(reload),
         "audited at the owner"
     );
 
@@ -542,7 +543,12 @@ async fn forwarding_uses_mtls_and_passes_the_caller_s_credential_on() {
     let certs = tempfile::tempdir().unwrap();
     let ca_path = crate::security::write(certs.path(), "ca.pem", &ca.pem());
     let key_of = |k: &str| hex::encode(sha2::Sha256::digest(k.as_bytes()));
-    let start = |name: &str| {
+    let foreign_ca = crate::security::write(
+        certs.path(),
+        "foreign.pem",
+        &crate::security::Ca::new("another CA").pem(),
+    );
+    let start = |name: &str, peer_ca: Option<&std::path::Path>| {
         let leaf = ca.leaf(&["localhost", "127.0.0.1"], false);
         let cert = crate::security::write(certs.path(), &format!("{name}.pem"), &leaf.cert);
         let key = crate::security::write(certs.path(), &format!("{name}.key"), &leaf.key);
@@ -556,12 +562,17 @@ async fn forwarding_uses_mtls_and_passes_the_caller_s_credential_on() {
             format!("Auth:ApiKeys:peek:Sha256={}", key_of("peek-key-0123456789")),
             "Auth:ApiKeys:peek:Role=viewer".to_string(),
         ]);
+        if let Some(p) = peer_ca {
+            settings.push(format!("Instance:PeerCaPath={}", p.display()));
+        }
         let dir = tempfile::tempdir().unwrap();
         let settings: Vec<&str> = settings.iter().map(String::as_str).collect();
         let svc = Service::start_env(dir.path(), &settings, &[("HOSTNAME", name)]);
         (svc, dir)
     };
-    let ((a, _da), (b, _db)) = (start("tls-a"), start("tls-b"));
+    let ((a, _da), (b, _db)) = (start("tls-a", None), start("tls-b", None));
+    // C trusts another CA for its peers: it cannot verify A.
+    let (c, _dc) = start("tls-c", Some(&foreign_ca));
     let client = ca.leaf(&["caller"], false);
     let wait = |port: u16| {
         let (ca, client) = (ca.pem(), &client);
@@ -618,8 +629,25 @@ async fn forwarding_uses_mtls_and_passes_the_caller_s_credential_on() {
         (w.instance_id.as_str(), w.status()),
         ("tls-a", WorkerStatus::Stopped)
     );
+    let by_caller = |l: &str| l.contains("apikey:ops");
     assert!(
-        a.logs().contains("apikey:ops"),
+        a.logs_with(by_caller).await.lines().any(by_caller),
         "A audited the forwarded stop under the caller's identity"
+    );
+
+    // A peer that is up but cannot be verified is an error to fix, not a
+    // dead owner: C reports it and does not take the worker.
+    let mut gc = wait(c.grpc).await;
+    let mut get = tonic::Request::new(pb::GetWorkerRequest { id: id.clone() });
+    get.metadata_mut()
+        .insert("x-api-key", "peek-key-0123456789".parse().unwrap());
+    let err = gc.get_worker(get).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    let mut get = tonic::Request::new(pb::GetWorkerRequest { id: id.clone() });
+    get.metadata_mut()
+        .insert("x-api-key", "peek-key-0123456789".parse().unwrap());
+    assert_eq!(
+        ga.get_worker(get).await.unwrap().into_inner().instance_id,
+        "tls-a"
     );
 }

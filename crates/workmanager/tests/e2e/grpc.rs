@@ -250,10 +250,11 @@ async fn full_lifecycle_over_grpc() {
         .is_empty());
 
     // Audit records carry the correlation id.
-    let logs = svc.logs();
+    let audited =
+        |l: &str| l.contains("\"operation\":\"CreateWorker\"") && l.contains("corr-create-1");
+    let logs = svc.logs_with(audited).await;
     assert!(
-        logs.lines()
-            .any(|l| l.contains("\"operation\":\"CreateWorker\"") && l.contains("corr-create-1")),
+        logs.lines().any(audited),
         "no audit record with the correlation id"
     );
     assert!(

@@ -129,11 +129,12 @@ async fn refused_urls_say_which_rule_and_cause_no_request() {
         server.requests().is_empty(),
         "a refused URL must cause no request"
     );
-    let logs = svc.logs();
+    let refusal = |l: &str| {
+        l.contains("\"audit\"") && l.contains("LoadCodeFromUrl") && l.contains("must be public")
+    };
+    let logs = svc.logs_with(refusal).await;
     assert!(
-        logs.lines().any(|l| l.contains("\"audit\"")
-            && l.contains("LoadCodeFromUrl")
-            && l.contains("must be public")),
+        logs.lines().any(refusal),
         "every refusal leaves an audit record"
     );
 }
