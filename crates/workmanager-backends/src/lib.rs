@@ -23,4 +23,4 @@ pub use embedded::EmbeddedStore;
 pub use embedded_bus::EmbeddedBus;
 pub use nats_bus::{NatsAuth, NatsBus, NatsBusSettings};
 pub use redis_bus::{RedisBus, RedisBusSettings};
-pub use redis_store::RedisStore;
+pub use redis_store::{RedisStore, RedisTls};

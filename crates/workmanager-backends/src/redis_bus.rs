@@ -76,7 +76,16 @@ fn unavailable(e: impl std::fmt::Display) -> BusError {
 
 impl RedisBus {
     pub async fn connect(url: &str, settings: RedisBusSettings) -> Result<Self, BusError> {
-        let (client, conn) = crate::redis_store::connect(url, CONNECT_TIMEOUT)
+        Self::connect_with(url, settings, None).await
+    }
+
+    /// As `connect`, with TLS material for `rediss://`.
+    pub async fn connect_with(
+        url: &str,
+        settings: RedisBusSettings,
+        tls: Option<&crate::redis_store::RedisTls>,
+    ) -> Result<Self, BusError> {
+        let (client, conn) = crate::redis_store::connect(url, CONNECT_TIMEOUT, tls)
             .await
             .map_err(BusError::Unavailable)?;
         Ok(Self {

@@ -59,7 +59,16 @@ impl RedisStore {
     /// Connects to `url` (`redis://[user:password@]host:port[/db]`, or
     /// `rediss://` for TLS) and checks the server answers.
     pub async fn connect(url: &str, timeout: Duration) -> Result<Self, StoreError> {
-        let (_, conn) = connect(url, timeout)
+        Self::connect_with(url, timeout, None).await
+    }
+
+    /// As `connect`, with TLS material for `rediss://`.
+    pub async fn connect_with(
+        url: &str,
+        timeout: Duration,
+        tls: Option<&RedisTls>,
+    ) -> Result<Self, StoreError> {
+        let (_, conn) = connect(url, timeout, tls)
             .await
             .map_err(StoreError::Unavailable)?;
         let s = Self {
@@ -82,6 +91,25 @@ impl RedisStore {
     }
 }
 
+/// TLS material for `rediss://` beyond the public web roots: the CA that
+/// signed the server's certificate (`Redis:CaPath`) and a client
+/// certificate for servers that verify clients
+/// (`Redis:ClientCertificatePath`, `Redis:ClientKeyPath`), all PEM.
+#[derive(Clone, Default)]
+pub struct RedisTls {
+    pub ca_pem: Option<Vec<u8>>,
+    pub client: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for RedisTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisTls")
+            .field("ca", &self.ca_pem.is_some())
+            .field("client_certificate", &self.client.is_some())
+            .finish()
+    }
+}
+
 /// Opens a client and the shared healing connection to `url`, for the
 /// store and the bus alike. The first connection is made here so refused
 /// credentials are reported at once, naming the setting to fix and never
@@ -89,9 +117,27 @@ impl RedisStore {
 pub(crate) async fn connect(
     url: &str,
     timeout: Duration,
+    tls: Option<&RedisTls>,
 ) -> Result<(redis::Client, Healing), String> {
-    let client = redis::Client::open(url)
-        .map_err(|e| format!("Redis:Url is not a usable Redis URL: {e}"))?;
+    let client = match tls {
+        Some(t) if url.starts_with("rediss://") => redis::Client::build_with_tls(
+            url,
+            redis::TlsCertificates {
+                client_tls: t.client.as_ref().map(|(cert, key)| redis::ClientTlsConfig {
+                    client_cert: cert.clone(),
+                    client_key: key.clone(),
+                }),
+                root_cert: t.ca_pem.clone(),
+            },
+        ),
+        Some(_) => {
+            return Err(
+                "Redis:CaPath / Redis:ClientCertificatePath need a rediss:// Redis:Url".into(),
+            )
+        }
+        None => redis::Client::open(url),
+    }
+    .map_err(|e| format!("Redis:Url is not a usable Redis URL: {e}"))?;
     let first = tokio::time::timeout(timeout, client.get_multiplexed_async_connection())
         .await
         .map_err(|_| format!("Redis at {} did not answer", redact(url)))?
@@ -326,6 +372,69 @@ mod tests {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    #[tokio::test]
+    async fn rediss_with_our_ca_and_client_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "test Redis CA");
+        p.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let ca =
+            rcgen::CertifiedIssuer::self_signed(p, rcgen::KeyPair::generate().unwrap()).unwrap();
+        let leaf = |names: &[&str]| {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let p = rcgen::CertificateParams::new(
+                names.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+            )
+            .unwrap();
+            (p.signed_by(&key, &ca).unwrap().pem(), key.serialize_pem())
+        };
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        let (sc, sk) = leaf(&["127.0.0.1", "localhost"]);
+        let (cc, ck) = leaf(&["workmanager"]);
+        let server = RedisServer::start_tls(
+            &write("s.pem", &sc),
+            &write("s.key", &sk),
+            &write("ca.pem", &ca.pem()),
+        );
+        let tls = RedisTls {
+            ca_pem: Some(ca.pem().into_bytes()),
+            client: Some((cc.into_bytes(), ck.into_bytes())),
+        };
+        let s = RedisStore::connect_with(&server.url(), T, Some(&tls))
+            .await
+            .unwrap();
+        s.put("k", b"v".to_vec(), Precondition::None).await.unwrap();
+        assert_eq!(s.get("k").await.unwrap().unwrap().value, b"v");
+        let no_client_cert = RedisTls {
+            client: None,
+            ..tls.clone()
+        };
+        assert!(
+            RedisStore::connect_with(&server.url(), T, Some(&no_client_cert))
+                .await
+                .is_err(),
+            "the server requires a client certificate"
+        );
+        assert!(
+            RedisStore::connect(&server.url(), T).await.is_err(),
+            "the public roots do not know our CA"
+        );
+        let plain = server.url().replacen("rediss://", "redis://", 1);
+        assert!(
+            RedisStore::connect(&plain, T).await.is_err(),
+            "plain text is refused"
+        );
     }
 
     #[tokio::test]

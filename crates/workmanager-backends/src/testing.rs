@@ -10,6 +10,8 @@ pub struct RedisServer {
     child: Child,
     dir: tempfile::TempDir,
     password: Option<String>,
+    /// With TLS: (cert, key, CA) files; the server then listens only on TLS.
+    tls: Option<[std::path::PathBuf; 3]>,
 }
 
 fn free_port() -> u16 {
@@ -27,22 +29,45 @@ impl RedisServer {
 
     /// As `start`, requiring `password`.
     pub fn start_with(password: Option<&str>) -> RedisServer {
+        Self::start_full(password, None)
+    }
+
+    /// A server that speaks only TLS and requires client certificates signed
+    /// by `ca` (`cert`/`key`: its own, PEM files).
+    pub fn start_tls(
+        cert: &std::path::Path,
+        key: &std::path::Path,
+        ca: &std::path::Path,
+    ) -> RedisServer {
+        Self::start_full(
+            None,
+            Some([cert.to_path_buf(), key.to_path_buf(), ca.to_path_buf()]),
+        )
+    }
+
+    fn start_full(password: Option<&str>, tls: Option<[std::path::PathBuf; 3]>) -> RedisServer {
         let dir = tempfile::tempdir().expect("temp dir");
         let port = free_port();
         let mut server = RedisServer {
             port,
-            child: spawn(port, &dir.path().to_path_buf(), password),
+            child: spawn(port, &dir.path().to_path_buf(), password, tls.as_ref()),
             dir,
             password: password.map(str::to_string),
+            tls,
         };
         server.wait_up();
         server
     }
 
     pub fn url(&self) -> String {
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
         match &self.password {
-            Some(p) => format!("redis://:{p}@127.0.0.1:{}", self.port),
-            None => format!("redis://127.0.0.1:{}", self.port),
+            Some(p) => format!("{scheme}://:{p}@127.0.0.1:{}", self.port),
+            None => format!("{scheme}://127.0.0.1:{}", self.port),
         }
     }
 
@@ -65,6 +90,7 @@ impl RedisServer {
             self.port,
             &self.dir.path().to_path_buf(),
             self.password.as_deref(),
+            self.tls.as_ref(),
         );
         self.wait_up();
     }
@@ -89,21 +115,28 @@ fn wait_listening(child: &mut Child, port: u16, name: &str) {
     }
 }
 
-fn spawn(port: u16, dir: &PathBuf, password: Option<&str>) -> Child {
+fn spawn(port: u16, dir: &PathBuf, password: Option<&str>, tls: Option<&[PathBuf; 3]>) -> Child {
     let mut cmd = Command::new("redis-server");
-    cmd.args([
-        "--port",
-        &port.to_string(),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-    ])
-    .args(["--appendonly", "yes", "--appendfsync", "always"])
-    .arg("--dir")
-    .arg(dir)
-    .stdout(Stdio::null())
-    .stderr(Stdio::null());
+    match tls {
+        Some([cert, key, ca]) => {
+            cmd.args(["--port", "0", "--tls-port", &port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(cert)
+                .arg("--tls-key-file")
+                .arg(key)
+                .arg("--tls-ca-cert-file")
+                .arg(ca);
+        }
+        None => {
+            cmd.args(["--port", &port.to_string()]);
+        }
+    }
+    cmd.args(["--bind", "127.0.0.1", "--save", ""])
+        .args(["--appendonly", "yes", "--appendfsync", "always"])
+        .arg("--dir")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
     if let Some(p) = password {
         cmd.args(["--requirepass", p]);
     }

@@ -174,6 +174,9 @@ pub struct Settings {
     /// `Redis:Url` (`redis://[user:password@]host:port[/db]`, `rediss://` for
     /// TLS; the password usually as `secret:env:NAME` around the whole URL).
     pub redis_url: String,
+    /// `Redis:CaPath`, `Redis:ClientCertificatePath` + `Redis:ClientKeyPath`:
+    /// TLS material for a `rediss://` URL (read at start).
+    pub redis_tls: Option<workmanager_backends::RedisTls>,
     /// `Redis:TimeoutMs`: connect and per-call timeout.
     pub redis_timeout: Duration,
     pub instance_id: String,
@@ -986,6 +989,26 @@ pub fn settings(layers: &Layers) -> Result<Settings, Vec<String>> {
     let redis_dedup_window =
         Duration::from_secs(r.int("Redis:DedupWindowSeconds", 600, 0, 604_800));
     let redis_max_deliver = r.int("Redis:MaxDeliver", 10, 0, 1_000_000);
+    let redis_ca = r.files("Redis:CaPath").into_iter().next();
+    let redis_client = match (
+        r.files("Redis:ClientCertificatePath").into_iter().next(),
+        r.files("Redis:ClientKeyPath").into_iter().next(),
+    ) {
+        (Some(c), Some(k)) => Some((c, k)),
+        (None, None) => None,
+        _ => {
+            r.errors.push(
+                "invalid configuration: Redis:ClientCertificatePath and Redis:ClientKeyPath go together; set both"
+                    .into(),
+            );
+            None
+        }
+    };
+    let redis_tls =
+        (redis_ca.is_some() || redis_client.is_some()).then_some(workmanager_backends::RedisTls {
+            ca_pem: redis_ca,
+            client: redis_client,
+        });
     let state_store_path = PathBuf::from(r.string("StateStore:Path", "./data/state.redb"));
     let drain_timeout = Duration::from_secs(r.int("Shutdown:DrainTimeoutSeconds", 30, 0, 3600));
     let queue_capacity = r.int("Messaging:QueueCapacity", 1024, 1, 1_000_000) as usize;
@@ -1090,6 +1113,7 @@ pub fn settings(layers: &Layers) -> Result<Settings, Vec<String>> {
             redis_dedup_window,
             redis_max_deliver,
             redis_url,
+            redis_tls,
             redis_timeout,
             instance_id,
             dapr,

@@ -143,9 +143,13 @@ pub async fn run(settings: Settings, port_file: Option<PathBuf>) -> Result<()> {
             Arc::new(s)
         }
         StoreKind::Redis => {
-            let s = RedisStore::connect(&settings.redis_url, settings.redis_timeout)
-                .await
-                .map_err(|e| anyhow!("{e} (StateStore:Type=redis, Redis:Url)"))?;
+            let s = RedisStore::connect_with(
+                &settings.redis_url,
+                settings.redis_timeout,
+                settings.redis_tls.as_ref(),
+            )
+            .await
+            .map_err(|e| anyhow!("{e} (StateStore:Type=redis, Redis:Url)"))?;
             tracing::info!("Redis state store connected");
             Arc::new(ResilientStore::new(Arc::new(s), resilience.clone()))
         }
@@ -174,7 +178,7 @@ pub async fn run(settings: Settings, port_file: Option<PathBuf>) -> Result<()> {
             settings.publish_timeout,
         )),
         BusKind::Redis => {
-            let b = RedisBus::connect(
+            let b = RedisBus::connect_with(
                 &settings.redis_url,
                 RedisBusSettings {
                     stream_max_len: settings.redis_stream_max_len,
@@ -184,6 +188,7 @@ pub async fn run(settings: Settings, port_file: Option<PathBuf>) -> Result<()> {
                     consumer: settings.instance_id.clone(),
                     max_deliver: settings.redis_max_deliver,
                 },
+                settings.redis_tls.as_ref(),
             )
             .await
             .map_err(|e| anyhow!("{e} (PubSub:Type=redis, Redis:Url)"))?;

@@ -216,3 +216,43 @@ async fn events_flow_and_wait(settings: &[String], bus: &dyn workmanager_core::b
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn state_and_events_over_rediss_with_a_client_certificate() {
+    let ca = crate::security::Ca::new("redis CA");
+    let certs = tempfile::tempdir().unwrap();
+    let server = ca.leaf(&["127.0.0.1", "localhost"], false);
+    let client = ca.leaf(&["workmanager"], false);
+    let w = |name: &str, text: &str| crate::security::write(certs.path(), name, text);
+    let ca_path = w("ca.pem", &ca.pem());
+    let redis = RedisServer::start_tls(
+        &w("server.pem", &server.cert),
+        &w("server.key", &server.key),
+        &ca_path,
+    );
+    let settings = [
+        "StateStore:Type=redis".to_string(),
+        "PubSub:Type=redis".to_string(),
+        format!("Redis:Url={}", redis.url()),
+        format!("Redis:CaPath={}", ca_path.display()),
+        format!(
+            "Redis:ClientCertificatePath={}",
+            w("client.pem", &client.cert).display()
+        ),
+        format!(
+            "Redis:ClientKeyPath={}",
+            w("client.key", &client.key).display()
+        ),
+    ];
+    let settings: Vec<&str> = settings.iter().map(String::as_str).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let svc = Service::start(dir.path(), &settings);
+    svc.wait_ready().await;
+    let mut c = svc.grpc().await;
+    let id = create(&mut c, ECHO, true).await;
+    assert_eq!(status(&mut c, &id).await, WorkerStatus::Running);
+    assert_eq!(
+        invoke(&mut c, &id, json!(3)).await.unwrap()["data"],
+        json!(3)
+    );
+}
