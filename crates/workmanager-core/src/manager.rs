@@ -778,10 +778,7 @@ impl Manager {
             .map(|s| s.snapshot())
             .filter(|s| filters.iter().all(|(k, v)| s.record.tags.get(k) == Some(v)))
             .collect();
-        out.sort_by(|a, b| {
-            (a.record.created_at.as_str(), a.record.id.as_str())
-                .cmp(&(b.record.created_at.as_str(), b.record.id.as_str()))
-        });
+        sort_oldest_first(&mut out);
         out
     }
 
@@ -1081,6 +1078,14 @@ fn read_map<K, V>(m: &RwLock<HashMap<K, V>>) -> std::sync::RwLockReadGuard<'_, H
 
 fn write_map<K, V>(m: &RwLock<HashMap<K, V>>) -> std::sync::RwLockWriteGuard<'_, HashMap<K, V>> {
     m.write().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Oldest first (ties by id): the order ListWorkers answers in.
+pub(crate) fn sort_oldest_first(workers: &mut [WorkerSnapshot]) {
+    workers.sort_by(|a, b| {
+        (a.record.created_at.as_str(), a.record.id.as_str())
+            .cmp(&(b.record.created_at.as_str(), b.record.id.as_str()))
+    });
 }
 
 pub(crate) fn encode(record: &WorkerRecord) -> Result<Vec<u8>> {

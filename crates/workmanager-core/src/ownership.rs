@@ -302,10 +302,7 @@ impl Manager {
                 });
             }
         }
-        out.sort_by(|a, b| {
-            (a.record.created_at.as_str(), a.record.id.as_str())
-                .cmp(&(b.record.created_at.as_str(), b.record.id.as_str()))
-        });
+        crate::manager::sort_oldest_first(&mut out);
         Ok(out)
     }
 
