@@ -70,3 +70,51 @@ pub(crate) async fn unsubscribe_ends_the_subscription(bus: &dyn Bus) {
         "the subscription ends after unsubscribe"
     );
 }
+
+/// A consumer and an observer keep working across a restart of the server
+/// (`restart` restarts it). At least once: message 1 may come again if its
+/// acknowledgement raced the restart; message 2 must come.
+pub(crate) async fn consumers_and_observers_resume_after_a_restart(
+    b: &dyn Bus,
+    restart: impl FnOnce(),
+) {
+    use std::time::Instant;
+    let mut s = b.subscribe(&["t".into()], "w1").await.unwrap();
+    let mut w = b.watch("t");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    b.publish("t", ev(1)).await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(20), s.receiver.recv())
+        .await
+        .expect("delivered")
+        .expect("open");
+    first.ack(Ack::Done);
+    assert!(w.recv().await.is_ok());
+    restart();
+    // Publishing may fail while the connection heals; then it lands.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while b.publish("t", ev(2)).await.is_err() {
+        assert!(Instant::now() < deadline, "publishing never recovered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    loop {
+        let d = tokio::time::timeout(Duration::from_secs(30), s.receiver.recv())
+            .await
+            .expect("the consumer resumed")
+            .expect("open");
+        let n = d.event.0["data"].as_u64();
+        d.ack(Ack::Done);
+        if n == Some(2) {
+            break;
+        }
+        assert_eq!(n, Some(1), "only a redelivery of 1 may come first");
+    }
+    loop {
+        let e = tokio::time::timeout(Duration::from_secs(30), w.recv())
+            .await
+            .expect("the observer resumed")
+            .expect("the feed is open");
+        if e.0["data"] == serde_json::json!(2) {
+            break;
+        }
+    }
+}

@@ -471,35 +471,10 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread")]
-    async fn consumers_resume_after_a_server_restart() {
+    async fn consumers_and_observers_resume_after_a_server_restart() {
         let mut nats = NatsServer::start();
-        let b = NatsBus::connect(&nats.url(), NatsAuth::default(), settings())
-            .await
-            .unwrap();
-        let mut s = b.subscribe(&["t".into()], "w1").await.unwrap();
-        b.publish("t", suite::ev(1)).await.unwrap();
-        recv(&mut s.receiver).await.ack(Ack::Done);
-        nats.restart();
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while b.publish("t", suite::ev(2)).await.is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "publishing never recovered"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        loop {
-            let d = tokio::time::timeout(Duration::from_secs(30), s.receiver.recv())
-                .await
-                .expect("the consumer resumed")
-                .expect("open");
-            let n = d.event.0["data"].as_u64();
-            d.ack(Ack::Done);
-            if n == Some(2) {
-                break;
-            }
-            assert_eq!(n, Some(1), "only a redelivery of 1 may come first");
-        }
+        let b = bus(&nats).await;
+        suite::consumers_and_observers_resume_after_a_restart(&b, || nats.restart()).await;
     }
 
     #[tokio::test(flavor = "multi_thread")]

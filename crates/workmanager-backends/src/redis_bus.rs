@@ -779,41 +779,7 @@ mod tests {
     async fn consumers_and_observers_resume_after_a_server_restart() {
         let mut r = RedisServer::start();
         let b = bus(&r, "i1").await;
-        let mut s = b.subscribe(&["t".into()], "w1").await.unwrap();
-        let mut w = b.watch("t");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        b.publish("t", suite::ev(1)).await.unwrap();
-        recv(&mut s.receiver).await.ack(Ack::Done);
-        assert!(w.recv().await.is_ok());
-        r.restart();
-        // Publishing may fail while the connection heals; then it lands.
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while b.publish("t", suite::ev(2)).await.is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "publishing never recovered"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        // At least once: message 1 may come again if its acknowledgement
-        // raced the restart; message 2 must come.
-        loop {
-            let d = tokio::time::timeout(Duration::from_secs(20), s.receiver.recv())
-                .await
-                .expect("the consumer resumed")
-                .expect("open");
-            let n = d.event.0["data"].as_u64();
-            d.ack(Ack::Done);
-            if n == Some(2) {
-                break;
-            }
-            assert_eq!(n, Some(1), "only a redelivery of 1 may come first");
-        }
-        let e = tokio::time::timeout(Duration::from_secs(20), w.recv())
-            .await
-            .expect("the observer resumed")
-            .unwrap();
-        assert_eq!(e.0["data"], serde_json::json!(2));
+        suite::consumers_and_observers_resume_after_a_restart(&b, || r.restart()).await;
     }
 
     #[tokio::test(flavor = "multi_thread")]

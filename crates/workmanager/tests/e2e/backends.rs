@@ -101,19 +101,7 @@ fn redis_settings(redis: &RedisServer) -> Vec<String> {
 async fn events_flow_through_redis_streams_and_wait_for_a_stopped_service() {
     let redis = RedisServer::start();
     let settings = redis_settings(&redis);
-    let bus = workmanager_backends::RedisBus::connect(
-        &redis.url(),
-        workmanager_backends::RedisBusSettings {
-            stream_max_len: 100_000,
-            visibility_timeout: std::time::Duration::from_secs(60),
-            dedup_window: std::time::Duration::from_secs(60),
-            capacity: 16,
-            consumer: "test-publisher".into(),
-            max_deliver: 10,
-        },
-    )
-    .await
-    .unwrap();
+    let bus = test_redis_bus(&redis.url(), "test-publisher").await;
     events_flow_and_wait(&settings, &bus).await;
 }
 

@@ -252,19 +252,7 @@ async fn a_killed_instance_s_workers_are_taken_over_and_every_event_ends_up_once
     }
 
     // The test's own consumer groups count outputs and dead letters.
-    let bus = workmanager_backends::RedisBus::connect(
-        &redis.url(),
-        workmanager_backends::RedisBusSettings {
-            stream_max_len: 1_000_000,
-            visibility_timeout: Duration::from_secs(60),
-            dedup_window: Duration::from_secs(600),
-            capacity: 4096,
-            consumer: "counter".into(),
-            max_deliver: 10,
-        },
-    )
-    .await
-    .unwrap();
+    let bus = test_redis_bus(&redis.url(), "counter").await;
     let mut outputs = bus
         .subscribe(
             &["out".into(), "k1-dead".into(), "k2-dead".into()],
@@ -403,19 +391,7 @@ async fn a_redis_restart_mid_stream_opens_the_breaker_buffers_and_loses_nothing(
     req.topics = vec!["r-in".into()];
     g.create_worker(req).await.unwrap();
 
-    let counter = workmanager_backends::RedisBus::connect(
-        &redis.url(),
-        workmanager_backends::RedisBusSettings {
-            stream_max_len: 1_000_000,
-            visibility_timeout: Duration::from_secs(3),
-            dedup_window: Duration::from_secs(600),
-            capacity: 4096,
-            consumer: "counter".into(),
-            max_deliver: 10,
-        },
-    )
-    .await
-    .unwrap();
+    let counter = test_redis_bus(&redis.url(), "counter").await;
     let mut outputs = counter
         .subscribe(&["out".into()], "test-counter")
         .await

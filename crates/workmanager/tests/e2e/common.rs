@@ -279,3 +279,21 @@ pub async fn status(c: &mut WorkManagerClient<Channel>, id: &str) -> pb::WorkerS
 pub fn versioned(version: &str) -> String {
     format!("def Process(event):\n    return {{'type': 'out', 'data': {{'version': '{version}', 'in': event['data']}}}}\n")
 }
+
+/// The test's own client of a Redis Streams bus (consumer name `consumer`),
+/// to publish beside the service or to count what it publishes.
+pub async fn test_redis_bus(url: &str, consumer: &str) -> workmanager_backends::RedisBus {
+    workmanager_backends::RedisBus::connect(
+        url,
+        workmanager_backends::RedisBusSettings {
+            stream_max_len: 1_000_000,
+            visibility_timeout: Duration::from_secs(3),
+            dedup_window: Duration::from_secs(600),
+            capacity: 4096,
+            consumer: consumer.into(),
+            max_deliver: 10,
+        },
+    )
+    .await
+    .expect("connect the test's Redis bus")
+}
