@@ -71,10 +71,6 @@ impl DaprClient {
         Ok(Self { http, settings })
     }
 
-    pub fn settings(&self) -> &DaprSettings {
-        &self.settings
-    }
-
     pub(crate) fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         let mut r = self
             .http

@@ -690,18 +690,7 @@ impl Layers {
             let Some(reference) = e.value.strip_prefix("secret:") else {
                 continue;
             };
-            let resolved = if let Some(name) = reference.strip_prefix("env:") {
-                std::env::var(name).map_err(|_| format!("environment variable {name} is not set"))
-            } else if let Some(path) = reference.strip_prefix("file:") {
-                std::fs::read_to_string(path)
-                    .map(|v| v.trim_end_matches(['\n', '\r']).to_string())
-                    .map_err(|err| format!("cannot read {path}: {err}"))
-            } else {
-                Err(
-                    "use secret:env:NAME, secret:file:/path or secret:dapr:<store>/<name>"
-                        .to_string(),
-                )
-            };
+            let resolved = resolve_local_secret(reference);
             match resolved {
                 Ok(v) => {
                     e.value = v;
@@ -714,6 +703,20 @@ impl Layers {
             }
         }
         errors
+    }
+}
+
+/// A `secret:env:NAME` or `secret:file:/path` reference (without the
+/// `secret:` prefix), read now.
+fn resolve_local_secret(reference: &str) -> Result<String, String> {
+    if let Some(name) = reference.strip_prefix("env:") {
+        std::env::var(name).map_err(|_| format!("environment variable {name} is not set"))
+    } else if let Some(path) = reference.strip_prefix("file:") {
+        std::fs::read_to_string(path)
+            .map(|v| v.trim_end_matches(['\n', '\r']).to_string())
+            .map_err(|err| format!("cannot read {path}: {err}"))
+    } else {
+        Err("use secret:env:NAME, secret:file:/path or secret:dapr:<store>/<name>".to_string())
     }
 }
 
@@ -735,13 +738,13 @@ pub async fn resolve_dapr_secrets(layers: &mut Layers) -> Vec<String> {
         .get("Dapr:HttpPort")
         .and_then(|e| e.value.trim().parse::<u16>().ok())
         .unwrap_or(3500);
-    let token =
-        layers
-            .get("Dapr:ApiToken")
-            .and_then(|e| match e.value.strip_prefix("secret:env:") {
-                Some(name) => std::env::var(name).ok(),
-                None => Some(e.value.trim().to_string()),
-            });
+    // The sidecar's own token may itself be a local reference (not a Dapr one).
+    let token = layers
+        .get("Dapr:ApiToken")
+        .and_then(|e| match e.value.strip_prefix("secret:") {
+            Some(reference) => resolve_local_secret(reference).ok(),
+            None => Some(e.value.trim().to_string()),
+        });
     let client = match workmanager_backends::DaprClient::new(workmanager_backends::DaprSettings {
         base_url: format!("http://127.0.0.1:{port}"),
         api_token: token,
