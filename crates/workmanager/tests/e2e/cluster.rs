@@ -298,15 +298,29 @@ async fn a_killed_instance_s_workers_are_taken_over_and_every_event_ends_up_once
         if killed_at.is_none() && by_id.len() >= 1_500 {
             a.svc.kill9();
             killed_at = Some(Instant::now());
-            // How long until B or C runs both workers.
-            let (mut g, ids) = (gb.clone(), ids.clone());
+            // How long until B or C owns both workers. Watched in the store,
+            // not through an RPC: a request for an unreachable owner's
+            // worker takes it over itself, and this must prove that the
+            // background sweep does so with no request at all.
+            let (url, ids) = (redis.url(), ids.clone());
             take_over = Some(tokio::spawn(async move {
+                use workmanager_core::StateStore;
+                let store = workmanager_backends::RedisStore::connect(&url, Duration::from_secs(2))
+                    .await
+                    .unwrap();
                 let started = Instant::now();
                 loop {
                     let mut all = true;
                     for id in &ids {
-                        let w = info(&mut g, id).await;
-                        all &= w.instance_id != "inst-a" && w.status() == WorkerStatus::Running;
+                        let v = store
+                            .get(&workmanager_core::store::keys::worker(id))
+                            .await
+                            .unwrap()
+                            .expect("the record exists");
+                        let record: workmanager_core::WorkerRecord =
+                            serde_json::from_slice(&v.value).unwrap();
+                        all &= record.instance_id != "inst-a"
+                            && record.status == workmanager_core::WorkerStatus::Running;
                     }
                     if all || started.elapsed() > Duration::from_secs(120) {
                         return started.elapsed();
@@ -364,7 +378,8 @@ async fn a_killed_instance_s_workers_are_taken_over_and_every_event_ends_up_once
     assert_eq!(by_id.len() + dead.len(), EVENTS, "and none twice");
     assert_eq!(inputs, (0..EVENTS as i64).collect());
     eprintln!(
-        "{} outputs, {} dead letters, {} deliveries to the counter",
+        "{} outputs, {} dead letters, {} deliveries to the counter; both workers running \
+         elsewhere {took:?} after the kill",
         by_id.len(),
         dead.len(),
         received
@@ -445,14 +460,7 @@ async fn a_redis_restart_mid_stream_opens_the_breaker_buffers_and_loses_nothing(
             );
         }
         i += 1;
-        let h: serde_json::Value = http
-            .get(svc.url("/health"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let h: serde_json::Value = svc.get_json("/health").await;
         if h["checks"]["circuit"]["description"]
             .as_str()
             .is_some_and(|d| !d.contains("pubsub closed"))
@@ -466,14 +474,7 @@ async fn a_redis_restart_mid_stream_opens_the_breaker_buffers_and_loses_nothing(
         !accepted.is_empty(),
         "publishes are buffered while the breaker is open"
     );
-    let metrics = http
-        .get(svc.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = svc.get_text("/metrics").await;
     assert!(
         metrics.contains("workmanager_circuit_state{backend=\"pubsub\"}"),
         "{metrics}"

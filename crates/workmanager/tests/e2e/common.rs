@@ -111,6 +111,26 @@ impl Service {
         format!("http://127.0.0.1:{}", self.grpc)
     }
 
+    /// GET on the HTTP port; the body as text.
+    pub async fn get_text(&self, path: &str) -> String {
+        reqwest::get(self.url(path))
+            .await
+            .expect("GET")
+            .text()
+            .await
+            .expect("a text body")
+    }
+
+    /// GET on the HTTP port; the body as JSON.
+    pub async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> T {
+        reqwest::get(self.url(path))
+            .await
+            .expect("GET")
+            .json()
+            .await
+            .expect("a JSON body")
+    }
+
     pub async fn wait_ready(&self) {
         let http = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(60);

@@ -268,12 +268,7 @@ async fn failures_retry_then_dead_letter_with_a_failed_event() {
         (3, pb::WorkerStatus::Running),
         "three attempts, worker still running"
     );
-    let metrics = reqwest::get(svc.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = svc.get_text("/metrics").await;
     for outcome in ["received", "failed", "dead_lettered"] {
         let line = format!("workmanager_messages_total{{topic=\"orders\",worker=\"{id}\",outcome=\"{outcome}\"}} 1");
         assert!(metrics.contains(&line), "missing {line}");
@@ -524,12 +519,7 @@ async fn a_full_queue_pushes_back_with_a_retry_hint() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable);
-    let metrics = reqwest::get(svc.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = svc.get_text("/metrics").await;
     assert!(
         metrics.contains("workmanager_backpressure_rejections_total{topic=\"busy\"}"),
         "{metrics}"

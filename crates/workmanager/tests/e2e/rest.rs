@@ -223,14 +223,7 @@ async fn health_metrics_and_openapi() {
     let (st, _) = send(http.get(svc.url("/health/live"))).await;
     assert_eq!(st, 200);
 
-    let m = http
-        .get(svc.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = svc.get_text("/metrics").await;
     assert!(
         m.contains("workmanager_workers{status=\"RUNNING\"} 1"),
         "{m}"

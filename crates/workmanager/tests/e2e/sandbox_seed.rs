@@ -273,12 +273,7 @@ async fn sandbox_modes_are_reported_and_strict_runs_with_the_full_sandbox() {
         let err = created.expect_err("strict mode ran a worker without the full sandbox");
         assert!(err.message().contains("strict"), "{}", err.message());
     }
-    let health: Value = reqwest::get(svc.url("/health"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let health: Value = svc.get_json("/health").await;
     assert!(
         health["checks"]["sandbox"]["description"]
             .as_str()
