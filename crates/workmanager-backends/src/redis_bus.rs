@@ -12,8 +12,9 @@
 //!   taken over with `XAUTOCLAIM` after `Redis:VisibilityTimeoutSeconds`.
 //! - Duplicates: an event id already seen by the group within
 //!   `Redis:DedupWindowSeconds` is acknowledged and skipped (one script per
-//!   read, hashes per time bucket: `SEEN`), so a redelivery after a crash
-//!   does not run an idempotent worker twice.
+//!   read, sets per time bucket: `SEEN`), so an event published twice — a
+//!   publisher's retry, or an output published again after a crash (its id
+//!   is derived from the input's) — runs a worker once.
 //! - Observers (`watch`): one `XREAD` task per watched topic, from "now".
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -33,37 +34,31 @@ use crate::readers::{GroupHandle, Readers};
 use crate::redis_conn::Healing;
 
 /// The duplicate check of one read, in one call. Event ids seen by a group
-/// live in hashes per time bucket of the window (the server's clock): an id
-/// is looked up in the previous and the current bucket and, when new,
-/// recorded in the current one with the stream id that carried it. A bucket
-/// expires two windows after it was last written, so an id is remembered
-/// for one to two windows. Far cheaper for the server than a key with its
-/// own expiry per event (measured: 44% → 57% of the embedded bus with the
-/// check off, see BENCHMARKS.md).
-/// KEYS[1]: the group's prefix; ARGV[1]: window seconds; then pairs of
-/// event id, stream id. Returns, per pair, the stream id that first carried
-/// the event id, or nil.
+/// live in sets per time bucket of the window (the server's clock): the
+/// read's ids are looked up in the previous and the current bucket and
+/// added to the current one, three bulk commands whatever the read's size
+/// (`SMISMEMBER` needs Redis 6.2 / Valkey 7.2 or later). A bucket expires two
+/// windows after it was last written, so an id is remembered for one to two
+/// windows. Only first deliveries (`>` reads) are checked: a message taken
+/// over from a dead consumer is its own first carrier. Measured per
+/// message, this costs the server ~1 µs where a hash field per id written
+/// from Lua cost ~6.5 µs and a key with its own expiry more (BENCHMARKS.md).
+/// KEYS[1]: the group's prefix; ARGV[1]: window seconds; then the event
+/// ids. Returns, per id, 1 if it was seen before, else 0.
 const SEEN: &str = r#"
 local window = tonumber(ARGV[1])
 local now = tonumber(redis.call('TIME')[1])
 local bucket = math.floor(now / window)
 local cur = KEYS[1] .. ':' .. bucket
 local prev = KEYS[1] .. ':' .. (bucket - 1)
-local out = {}
-local n = (#ARGV - 1) / 2
-for i = 1, n do
-  local eid = ARGV[2 * i]
-  local sid = ARGV[2 * i + 1]
-  local first = redis.call('HGET', prev, eid)
-  if not first then
-    if redis.call('HSETNX', cur, eid, sid) == 0 then
-      first = redis.call('HGET', cur, eid)
-    end
-  end
-  out[i] = first or false
-end
+local before = redis.call('SMISMEMBER', prev, unpack(ARGV, 2))
+local now_seen = redis.call('SMISMEMBER', cur, unpack(ARGV, 2))
+redis.call('SADD', cur, unpack(ARGV, 2))
 redis.call('EXPIRE', cur, 2 * window)
-return out
+for i = 1, #before do
+  before[i] = before[i] + now_seen[i]
+end
+return before
 "#;
 
 /// Messages read per `XREADGROUP` (the dispatcher then pipelines them to
@@ -80,8 +75,8 @@ pub struct RedisBusSettings {
     pub stream_max_len: usize,
     /// Pending messages idle this long are taken over by a live consumer.
     pub visibility_timeout: Duration,
-    /// Event ids remembered per group for duplicate suppression (zero: off).
-    /// Each remembered id is a small key in Redis for this long.
+    /// Event ids remembered per group for duplicate suppression (zero: off),
+    /// in sets per bucket of this length.
     pub dedup_window: Duration,
     /// Local queue per group (the dispatcher's backlog).
     pub capacity: usize,
@@ -259,7 +254,7 @@ impl Reader {
                             });
                         }
                     }
-                    if !self.deliver(entries).await {
+                    if !self.deliver(entries, true).await {
                         return;
                     }
                 }
@@ -327,7 +322,7 @@ impl Reader {
                         self.dead_letter(&stream, &topic, worn).await;
                     }
                 }
-                if !self.deliver(entries).await {
+                if !self.deliver(entries, false).await {
                     return false;
                 }
             }
@@ -412,50 +407,69 @@ impl Reader {
         }
     }
 
-    /// Drops duplicates (one pipelined round trip for the whole read) and
-    /// hands the rest over. False when the consumer is gone.
-    async fn deliver(&mut self, entries: Vec<Entry>) -> bool {
+    /// Drops duplicates among first deliveries (one script call for the
+    /// whole read) and hands the rest over. False when the consumer is gone.
+    async fn deliver(&mut self, entries: Vec<Entry>, first_delivery: bool) -> bool {
         let window = self.settings.dedup_window.as_secs();
-        let firsts = if window == 0 {
-            vec![None; entries.len()]
+        let duplicates = if window == 0 || !first_delivery {
+            vec![false; entries.len()]
         } else {
-            self.first_carriers(&entries, window).await
+            self.duplicates(&entries, window).await
         };
-        self.hand_over(entries, firsts).await
+        self.hand_over(entries, duplicates).await
     }
 
-    /// For each entry, the stream id that first carried its event id within
-    /// the window (`None`: this one is the first; the entry's own id: a
-    /// redelivery, not a duplicate). One script call for the whole read.
-    async fn first_carriers(&mut self, entries: &[Entry], window: u64) -> Vec<Option<String>> {
+    /// For each entry, whether its event id was already delivered to the
+    /// group within the window, by an earlier read or earlier in this one.
+    /// Entries without an id are never duplicates.
+    async fn duplicates(&mut self, entries: &[Entry], window: u64) -> Vec<bool> {
+        let mut out = vec![false; entries.len()];
+        let mut in_read = std::collections::HashSet::with_capacity(entries.len());
+        // (index in `entries`, event id) of the first carrier of each id in this read.
+        let mut checked = Vec::with_capacity(entries.len());
+        for (i, e) in entries.iter().enumerate() {
+            let Some(eid) = e.event.as_ref().and_then(|ev| ev.get_str("id")) else {
+                continue;
+            };
+            if eid.is_empty() {
+                continue;
+            }
+            if in_read.insert(eid) {
+                checked.push((i, eid));
+            } else {
+                out[i] = true;
+            }
+        }
+        if checked.is_empty() {
+            return out;
+        }
         let mut inv = self.seen.prepare_invoke();
         inv.key(format!("workmanager:seen:{}", self.group))
             .arg(window);
-        for e in entries {
-            let eid = e
-                .event
-                .as_ref()
-                .and_then(|ev| ev.get_str("id"))
-                .unwrap_or("");
-            inv.arg(eid).arg(&e.id);
+        for (_, eid) in &checked {
+            inv.arg(*eid);
         }
-        let checked = self
+        let seen: Result<Vec<u8>, String> = self
             .control
             .run("duplicate check", |mut c| async move {
                 inv.invoke_async(&mut c).await
             })
             .await;
-        match checked {
-            Ok(v) => v,
+        match seen {
+            Ok(seen) => {
+                for ((i, _), s) in checked.iter().zip(seen) {
+                    out[*i] = s > 0;
+                }
+            }
             Err(err) => {
                 tracing::debug!(error = %err, "duplicate check failed; delivering all");
-                vec![None; entries.len()]
             }
         }
+        out
     }
 
-    async fn hand_over(&mut self, entries: Vec<Entry>, firsts: Vec<Option<String>>) -> bool {
-        for (e, first) in entries.into_iter().zip(firsts) {
+    async fn hand_over(&mut self, entries: Vec<Entry>, duplicates: Vec<bool>) -> bool {
+        for (e, duplicate) in entries.into_iter().zip(duplicates) {
             let ack = StreamAck {
                 acks: self.acks.clone(),
                 stream: e.stream.clone(),
@@ -466,7 +480,7 @@ impl Reader {
                 ack.ack(Ack::Done);
                 continue;
             };
-            if first.as_deref().is_some_and(|f| f != e.id) {
+            if duplicate {
                 ack.ack(Ack::Done);
                 continue;
             }
@@ -801,5 +815,43 @@ mod tests {
             "the duplicate was skipped"
         );
         second.ack(Ack::Done);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn duplicates_inside_one_read_and_across_reads_are_delivered_once() {
+        let r = RedisServer::start();
+        let b = bus(&r, "i1").await;
+        let mut s = b.subscribe(&["t".into()], "w1").await.unwrap();
+        let (a, c) = (suite::ev(1), suite::ev(3));
+        // One atomic batch: the reader gets all four in one read.
+        b.publish_many("t", vec![a.clone(), a.clone(), suite::ev(2), c.clone()])
+            .await
+            .unwrap();
+        for want in [1, 2, 3] {
+            let d = recv(&mut s.receiver).await;
+            assert_eq!(d.event.0["data"], serde_json::json!(want));
+            d.ack(Ack::Done);
+        }
+        // A later read: both ids are remembered.
+        b.publish_many("t", vec![c, a, suite::ev(4)]).await.unwrap();
+        let d = recv(&mut s.receiver).await;
+        assert_eq!(d.event.0["data"], serde_json::json!(4), "the repeats were skipped");
+        d.ack(Ack::Done);
+        // Another worker (group) on the topic gets its own copy of each id.
+        let mut other = b.subscribe(&["t".into()], "w2").await.unwrap();
+        let e = suite::ev(5);
+        b.publish_many("t", vec![e.clone(), e]).await.unwrap();
+        let d = recv(&mut other.receiver).await;
+        assert_eq!(d.event.0["data"], serde_json::json!(5));
+        d.ack(Ack::Done);
+        assert!(
+            tokio::time::timeout(Duration::from_secs(1), other.receiver.recv())
+                .await
+                .is_err(),
+            "once"
+        );
+        let d = recv(&mut s.receiver).await;
+        assert_eq!(d.event.0["data"], serde_json::json!(5));
+        d.ack(Ack::Done);
     }
 }

@@ -49,6 +49,9 @@ pub struct BenchArgs {
     /// compare the JetStream bus with the embedded one.
     #[arg(long)]
     nats_url: Option<String>,
+    /// Only the comparison of the buses given by --redis-url / --nats-url.
+    #[arg(long)]
+    buses_only: bool,
 }
 
 const ECHO: &str = "import sys, json\nw = sys.stdout.buffer\nfor line in sys.stdin.buffer:\n    \
@@ -220,8 +223,12 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let (python, version) = (interpreter.executable, interpreter.version);
     let mut standard = Bench::start(&python, "standard").await?;
     let mut off = Bench::start(&python, "off").await?;
-    let mut result = measure(&args, &python, &version, &mut standard, &mut off.client).await;
-    if result.is_ok() {
+    let mut result = if args.buses_only {
+        Ok(())
+    } else {
+        measure(&args, &python, &version, &mut standard, &mut off.client).await
+    };
+    if result.is_ok() && !args.buses_only {
         result = crate::bench_throughput::run(
             args.messages,
             args.cpu_messages,
@@ -244,12 +251,21 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             format!("{section}:Url={url}"),
         ];
         let mut other = Bench::start_with(&python, "standard", &extra).await?;
-        result =
-            crate::bench_throughput::compare_buses(args.messages, &mut standard, &mut other, label)
-                .await;
+        let broker = url::Url::parse(url)
+            .ok()
+            .and_then(|u| u.port())
+            .and_then(crate::bench_throughput::listener_pid);
+        result = crate::bench_throughput::compare_buses(
+            args.messages,
+            &mut standard,
+            &mut other,
+            label,
+            broker,
+        )
+        .await;
         other.stop().await;
     }
-    if let (Ok(()), Some(url)) = (&result, &args.redis_url) {
+    if let (Ok(()), Some(url), false) = (&result, &args.redis_url, args.buses_only) {
         result = forwarding(args.iterations, &python, url).await;
     }
     standard.stop().await;

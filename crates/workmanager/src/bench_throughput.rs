@@ -22,6 +22,8 @@ const NOOP_WORKER: &str = "def Process(event):\n    return None\n";
 const BUSY_WORKER: &str = "import time\ndef Process(event):\n    t = time.perf_counter()\n    \
                            while time.perf_counter() - t < 0.001:\n        pass\n    return None\n";
 const DEPTH: usize = 64;
+/// Concurrent HTTP publishers in the bus comparison's second setting.
+const PUBLISHERS: usize = 4;
 const BATCH: usize = 200;
 /// Rounds of the limit / through-the-service comparison.
 const ROUNDS: usize = 3;
@@ -34,6 +36,60 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
     let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
     // USER_HZ is 100 on every Linux this runs on.
     Some(ticks / 100.0)
+}
+
+/// The process listening on TCP `port` on this machine (the broker under
+/// test), found through the socket's inode; `None` if it is not visible.
+pub(crate) fn listener_pid(port: u16) -> Option<u32> {
+    let mut inodes = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // local_address is "ADDR:PORT" in hex; state 0A is LISTEN.
+            let listening = f.get(3) == Some(&"0A");
+            let on_port = f
+                .get(1)
+                .and_then(|a| a.rsplit_once(':'))
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
+                == Some(port);
+            if let (true, true, Some(inode)) = (listening, on_port, f.get(9)) {
+                inodes.push(format!("socket:[{inode}]"));
+            }
+        }
+    }
+    for proc_dir in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = proc_dir.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(proc_dir.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if let Ok(target) = std::fs::read_link(fd.path()) {
+                if inodes.iter().any(|i| target.as_os_str() == i.as_str()) {
+                    return Some(pid);
+                }
+            }
+        }
+    }
+    None
+}
+
+/// The machine's idle and total CPU time so far (jiffies, all cores).
+fn machine_idle() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let cpu: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    Some((cpu.get(3)? + cpu.get(4)?, cpu.iter().take(8).sum()))
 }
 
 /// Messages/s of a bare echo child with `DEPTH` messages in flight.
@@ -78,6 +134,13 @@ struct Through {
     rate: f64,
     cpu_us_per_message: f64,
     observed: usize,
+    /// When the last publish was accepted, as a share of the whole run
+    /// (near 1: the publisher, not the worker, set the pace).
+    published_share: f64,
+    /// The whole machine's idle CPU share during the run.
+    idle: f64,
+    /// The broker's CPU per message (NaN: no broker, or not visible).
+    broker_us_per_message: f64,
     /// Service RSS (KiB) sampled every 500 ms during the run.
     rss: Vec<u64>,
 }
@@ -91,6 +154,8 @@ async fn through_service(
     topic: &str,
     max_concurrency: u32,
     observe: bool,
+    publishers: usize,
+    broker: Option<u32>,
 ) -> Result<Through> {
     let req = pb::CreateWorkerRequest {
         code_source: Some(pb::CodeSource {
@@ -122,13 +187,9 @@ async fn through_service(
     } else {
         None
     };
-    let url = format!("http://127.0.0.1:{}/v1/topics/{topic}", b.http);
-    let http = reqwest::Client::new();
-    let event = |i: usize| {
-        json!({"specversion": "1.0", "id": i.to_string(), "source": "urn:bench", "type": "tp.in",
-                                  "datacontenttype": "application/json", "data": payload()})
-    };
     let cpu_before = cpu_seconds(b.pid).unwrap_or(0.0);
+    let idle_before = machine_idle();
+    let broker_before = broker.and_then(cpu_seconds);
     let pid = b.pid;
     let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
     let sampler = tokio::spawn(async move {
@@ -145,24 +206,8 @@ async fn through_service(
         }
     });
     let started = Instant::now();
-    let mut sent = 0;
-    while sent < n {
-        let batch: Vec<Value> = (sent..(sent + BATCH).min(n)).map(event).collect();
-        let r = http
-            .post(&url)
-            .header("content-type", "application/cloudevents-batch+json")
-            .json(&batch)
-            .send()
-            .await?;
-        if r.status() == 503 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-            continue;
-        }
-        if !r.status().is_success() {
-            bail!("publish failed: {}", r.text().await.unwrap_or_default());
-        }
-        sent += batch.len();
-    }
+    publish(b, topic, n, publishers).await?;
+    let publishing = started.elapsed();
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
         let w = b
@@ -183,6 +228,14 @@ async fn through_service(
     }
     let elapsed = started.elapsed();
     let cpu = cpu_seconds(b.pid).unwrap_or(0.0) - cpu_before;
+    let broker_us_per_message = match (broker_before, broker.and_then(cpu_seconds)) {
+        (Some(a), Some(z)) => (z - a) * 1e6 / n as f64,
+        _ => f64::NAN,
+    };
+    let idle = match (idle_before, machine_idle()) {
+        (Some((i0, t0)), Some((i1, t1))) if t1 > t0 => (i1 - i0) as f64 / (t1 - t0) as f64,
+        _ => f64::NAN,
+    };
     let _ = stop_tx.send(());
     let rss = sampler.await.unwrap_or_default();
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -194,10 +247,58 @@ async fn through_service(
         .await?;
     Ok(Through {
         rate: n as f64 / elapsed.as_secs_f64(),
+        published_share: publishing.as_secs_f64() / elapsed.as_secs_f64(),
+        idle,
+        broker_us_per_message,
         cpu_us_per_message: cpu * 1e6 / n as f64,
         observed: observed.load(Ordering::Relaxed),
         rss,
     })
+}
+
+/// Publishes `n` events of ~1 KB to `topic` over HTTP, in CloudEvents
+/// batches of `BATCH` from `publishers` concurrent clients (each sends its
+/// next batch once the last one was accepted); a 503 (backpressure) is
+/// retried.
+async fn publish(b: &Bench, topic: &str, n: usize, publishers: usize) -> Result<()> {
+    let url = Arc::new(format!("http://127.0.0.1:{}/v1/topics/{topic}", b.http));
+    let http = reqwest::Client::new();
+    let share = n.div_ceil(publishers.max(1));
+    let mut tasks = tokio::task::JoinSet::new();
+    for from in (0..n).step_by(share.max(1)) {
+        let (url, http) = (url.clone(), http.clone());
+        let to = (from + share).min(n);
+        tasks.spawn(async move {
+            let mut sent = from;
+            while sent < to {
+                let batch: Vec<Value> = (sent..(sent + BATCH).min(to)).map(bench_event).collect();
+                let r = http
+                    .post(url.as_str())
+                    .header("content-type", "application/cloudevents-batch+json")
+                    .json(&batch)
+                    .send()
+                    .await?;
+                if r.status() == 503 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    continue;
+                }
+                if !r.status().is_success() {
+                    bail!("publish failed: {}", r.text().await.unwrap_or_default());
+                }
+                sent += batch.len();
+            }
+            Ok(())
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
+    }
+    Ok(())
+}
+
+fn bench_event(i: usize) -> Value {
+    json!({"specversion": "1.0", "id": i.to_string(), "source": "urn:bench", "type": "tp.in",
+           "datacontenttype": "application/json", "data": payload()})
 }
 
 pub(crate) async fn run(
@@ -217,13 +318,13 @@ pub(crate) async fn run(
     let mut rounds = Vec::new();
     for _ in 0..ROUNDS {
         let bare = bare_pipelined(python, messages).await?;
-        let echo = through_service(b, messages, ECHO_WORKER, "tp.in", 1, true).await?;
-        let unobserved = through_service(b, messages, ECHO_WORKER, "tp.in", 1, false).await?;
+        let echo = through_service(b, messages, ECHO_WORKER, "tp.in", 1, true, 1, None).await?;
+        let unobserved = through_service(b, messages, ECHO_WORKER, "tp.in", 1, false, 1, None).await?;
         rounds.push((bare, echo, unobserved));
     }
     let rss_after = rss_kib(b.pid);
-    let one = through_service(b, cpu_messages, BUSY_WORKER, "cpu.one", 1, false).await?;
-    let two = through_service(b, cpu_messages, BUSY_WORKER, "cpu.two", 2, false).await?;
+    let one = through_service(b, cpu_messages, BUSY_WORKER, "cpu.one", 1, false, 1, None).await?;
+    let two = through_service(b, cpu_messages, BUSY_WORKER, "cpu.two", 2, false, 1, None).await?;
     println!("\n### Throughput\n");
     println!("{messages} messages of ~1 KB per run; CloudEvents batches of {BATCH} over HTTP; bare child {DEPTH} deep; {ROUNDS} rounds.\n");
     println!(
@@ -274,7 +375,7 @@ pub(crate) async fn run(
         );
     }
     if soak_messages > 0 {
-        let soak = through_service(b, soak_messages, ECHO_WORKER, "tp.in", 1, false).await?;
+        let soak = through_service(b, soak_messages, ECHO_WORKER, "tp.in", 1, false, 1, None).await?;
         // Flatness is judged after the first fifth (allocator and buffers warm up).
         let steady = &soak.rss[soak.rss.len() / 5..];
         if let (Some(lo), Some(hi)) = (steady.iter().min(), steady.iter().max()) {
@@ -295,44 +396,81 @@ pub(crate) async fn run(
 }
 
 /// Messages/s and service CPU through one worker on the embedded bus and on
-/// another bus, in alternating rounds (issue 7's target: ≥ 50%).
+/// another bus, in alternating rounds (issue 7's target: ≥ 50%), fed by one
+/// sequential HTTP publisher and by `PUBLISHERS` concurrent ones. With one
+/// publisher a networked bus's publish round trip can set the pace instead
+/// of the worker; the last column shows which side did.
 pub(crate) async fn compare_buses(
     messages: usize,
     embedded: &mut Bench,
-    redis: &mut Bench,
+    other: &mut Bench,
     label: &str,
+    broker: Option<u32>,
 ) -> Result<()> {
     println!("\n### Embedded bus vs {label}\n");
     println!(
         "{messages} messages of ~1 KB per run, no subscriber; rounds alternate the buses. \
          The target's scenario is the no-op worker (returns None); the echo worker also \
-         publishes one output per message.\n"
+         publishes one output per message. Publishers: HTTP clients each sending CloudEvents \
+         batches of {BATCH}, the next once the last was accepted. Last column: when the last \
+         publish was accepted, as a share of the run (about 98% when the worker set the pace \
+         and the publisher waited on backpressure; 100% when the publisher set it).\n"
     );
-    println!("| round | worker | embedded bus | {label} | {label} / embedded | service CPU / message, embedded / {label} |");
-    println!("|---|---|---|---|---|---|");
-    let mut ratios: [Vec<f64>; 2] = Default::default();
+    println!("| round | worker | publishers | embedded bus | {label} | {label} / embedded | service CPU / message, embedded / {label} | last publish accepted at, embedded / {label} | machine idle, embedded / {label} | {label} server CPU / message |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let scenarios = [
+        ("no-op", NOOP_WORKER, 1),
+        ("no-op", NOOP_WORKER, PUBLISHERS),
+        ("echo", ECHO_WORKER, 1),
+        ("echo", ECHO_WORKER, PUBLISHERS),
+    ];
+    let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); scenarios.len()];
+    let mut publish_only: Vec<(usize, f64)> = Vec::new();
     for round in 1..=ROUNDS {
-        for (i, (name, code)) in [("no-op", NOOP_WORKER), ("echo", ECHO_WORKER)]
-            .into_iter()
-            .enumerate()
-        {
-            let e = through_service(embedded, messages, code, "cmp.in", 1, false).await?;
-            let r = through_service(redis, messages, code, "cmp.in", 1, false).await?;
+        // The publishing side alone (no worker on the topic).
+        for publishers in [1, PUBLISHERS] {
+            let started = Instant::now();
+            publish(other, &format!("cmp.publish-only.{round}"), messages, publishers).await?;
+            publish_only.push((publishers, messages as f64 / started.elapsed().as_secs_f64()));
+        }
+        for (i, (name, code, publishers)) in scenarios.into_iter().enumerate() {
+            let e =
+                through_service(embedded, messages, code, "cmp.in", 1, false, publishers, None)
+                    .await?;
+            let r =
+                through_service(other, messages, code, "cmp.in", 1, false, publishers, broker)
+                    .await?;
             ratios[i].push(r.rate / e.rate);
             println!(
-                "| {round} | {name} | {:.0}/s | {:.0}/s | {:.0}% | {:.1} / {:.1} µs |",
+                "| {round} | {name} | {publishers} | {:.0}/s | {:.0}/s | {:.0}% | {:.1} / {:.1} µs | {:.0}% / {:.0}% | {:.0}% / {:.0}% | {:.1} µs |",
                 e.rate,
                 r.rate,
                 r.rate / e.rate * 100.0,
                 e.cpu_us_per_message,
-                r.cpu_us_per_message
+                r.cpu_us_per_message,
+                e.published_share * 100.0,
+                r.published_share * 100.0,
+                e.idle * 100.0,
+                r.idle * 100.0,
+                r.broker_us_per_message
             );
         }
     }
-    for (name, mut r) in ["no-op", "echo"].into_iter().zip(ratios) {
+    for publishers in [1, PUBLISHERS] {
+        println!(
+            "\nPublishing alone to {label} (no worker on the topic), {publishers} publisher(s): {}.",
+            publish_only
+                .iter()
+                .filter(|(p, _)| *p == publishers)
+                .map(|(_, r)| format!("{r:.0}/s"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    for ((name, _, publishers), mut r) in scenarios.into_iter().zip(ratios) {
         r.sort_by(f64::total_cmp);
         println!(
-            "\nMedian {label} / embedded, {name} worker: {:.0}%.",
+            "\nMedian {label} / embedded, {name} worker, {publishers} publisher(s): {:.0}%.",
             r[r.len() / 2] * 100.0
         );
     }
