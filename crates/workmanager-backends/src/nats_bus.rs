@@ -1,9 +1,11 @@
 //! The NATS JetStream bus (`PubSub:Type=nats`): a stream per topic (subject
 //! `workmanager.topic.<topic>`), a durable pull consumer per worker and
 //! topic (so each worker gets each message once, whichever instance hosts
-//! it), explicit acks after the dispatcher settled a message, redelivery
-//! after `ack_wait`, at most `max_deliver` deliveries. The client reconnects
-//! by itself. Observers use a core-NATS subscription on the same subject.
+//! it), acknowledged once the dispatcher settled it — cumulatively, one ack
+//! per burst of settled messages (`ack_task`) — redelivery after `ack_wait`,
+//! a retry as a NAK with a growing delay, and a message delivered more than
+//! `max_deliver` times moved to `{topic}-dead`. The client reconnects by
+//! itself. Observers use a core-NATS subscription on the same subject.
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -139,66 +141,274 @@ impl NatsBus {
         if let Some(s) = streams.get(topic) {
             return Ok(s.clone());
         }
-        let s = self
-            .js
-            .get_or_create_stream(stream::Config {
-                name: safe_name("wm_", topic),
-                subjects: vec![subject(topic)],
-                max_messages: self.settings.stream_max_messages,
-                ..Default::default()
-            })
-            .await
-            .map_err(unavailable)?;
+        let s = ensure_stream(&self.js, topic, self.settings.stream_max_messages).await?;
         streams.insert(topic.to_string(), s.clone());
         Ok(s)
     }
 }
 
-/// Settles one message through its subscription's ack task: one task per
-/// consumer sends the acknowledgements in order, instead of a task per
-/// message. A retry is a negative acknowledgement with a short delay, so
-/// the server redelivers soon instead of after `Nats:AckWaitSeconds`.
+/// What a consumer's ack task learns, in the order it happened.
+enum Settle {
+    /// A message is about to be handed to the dispatcher. Sent before the
+    /// handover, so it always precedes the message's settlement.
+    Delivered(u64),
+    /// The dispatcher settled the message with this stream sequence.
+    Settled {
+        seq: u64,
+        delivered: i64,
+        /// The message's ack subject.
+        reply: async_nats::Subject,
+        outcome: Ack,
+    },
+}
+
+/// Settles one message through its consumer's ack task. A delivery dropped
+/// unsettled (its worker stopped with it still queued) is handed back, so
+/// the server delivers it again soon.
 struct NatsAck {
-    msg: std::sync::Mutex<Option<jetstream::Message>>,
-    acks: mpsc::UnboundedSender<(jetstream::Message, Ack)>,
+    seq: u64,
+    delivered: i64,
+    reply: std::sync::Mutex<Option<async_nats::Subject>>,
+    tx: mpsc::UnboundedSender<Settle>,
 }
 
 impl NatsAck {
-    fn new(
-        msg: jetstream::Message,
-        acks: &mpsc::UnboundedSender<(jetstream::Message, Ack)>,
-    ) -> Self {
-        Self {
-            msg: std::sync::Mutex::new(Some(msg)),
-            acks: acks.clone(),
+    fn settle(&self, outcome: Ack) {
+        let taken = self.reply.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(reply) = taken {
+            let _ = self.tx.send(Settle::Settled {
+                seq: self.seq,
+                delivered: self.delivered,
+                reply,
+                outcome,
+            });
         }
     }
 }
 
 impl Acker for NatsAck {
     fn ack(&self, outcome: Ack) {
-        let taken = self.msg.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(m) = taken {
-            let _ = self.acks.send((m, outcome));
-        }
+        self.settle(outcome);
     }
 }
 
-/// Sends a consumer's acknowledgements until its last message is settled.
-async fn ack_task(mut rx: mpsc::UnboundedReceiver<(jetstream::Message, Ack)>) {
-    while let Some((m, outcome)) = rx.recv().await {
-        let sent = match outcome {
-            Ack::Done => m.ack().await,
-            Ack::Retry => m.ack_with(jetstream::AckKind::Nak(Some(RETRY_DELAY))).await,
+impl Drop for NatsAck {
+    fn drop(&mut self) {
+        self.settle(Ack::Retry);
+    }
+}
+
+/// How soon a message handed back for a retry is delivered again: one
+/// second, doubling with each delivery up to `ack_wait`, so that a long
+/// outage of what the worker needs does not use up `Nats:MaxDeliver` in
+/// seconds.
+fn retry_delay(delivered: i64, ack_wait: Duration) -> Duration {
+    let doublings = delivered.clamp(1, 16) as u32 - 1;
+    (RETRY_DELAY * 2u32.pow(doublings)).min(ack_wait.max(RETRY_DELAY))
+}
+
+/// Sends a consumer's acknowledgements until every sender is gone.
+///
+/// Consumers use `AckPolicy::All`: acknowledging a message acknowledges
+/// every earlier one, so one ack covers a whole burst of settled messages
+/// (per-message acks cost the server about a third of its time per message,
+/// BENCHMARKS.md). The task therefore tracks every delivered, unacknowledged
+/// stream sequence and acknowledges only up to the first one not yet done:
+/// a message handed back for a retry, or still being processed, holds the
+/// acknowledgement of everything after it until it is done itself. Messages
+/// held that way are kept alive with progress acks (`+WPI`), so the server
+/// does not deliver them again after `ack_wait` while they wait.
+async fn ack_task(
+    client: async_nats::Client,
+    mut rx: mpsc::UnboundedReceiver<Settle>,
+    ack_wait: Duration,
+) {
+    // Delivered, unacknowledged messages by stream sequence; `Some` once done.
+    let mut open: std::collections::BTreeMap<u64, Option<Held>> = std::collections::BTreeMap::new();
+    let keep_alive = (ack_wait / 3).max(Duration::from_millis(100));
+    let mut tick = tokio::time::interval(keep_alive);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let first = tokio::select! {
+            s = rx.recv() => match s {
+                Some(s) => s,
+                None => return,
+            },
+            _ = tick.tick() => {
+                keep_held_alive(&client, &mut open, keep_alive).await;
+                continue;
+            }
         };
-        if let Err(e) = sent {
-            tracing::warn!(error = %e, "JetStream ack failed; the message will be redelivered");
+        let mut next = Some(first);
+        let mut n = 0;
+        while let Some(s) = next {
+            match s {
+                Settle::Delivered(seq) => {
+                    open.insert(seq, None);
+                }
+                Settle::Settled {
+                    seq,
+                    reply,
+                    outcome: Ack::Done,
+                    ..
+                } => {
+                    if let Some(slot) = open.get_mut(&seq) {
+                        *slot = Some(Held {
+                            reply,
+                            since: tokio::time::Instant::now(),
+                        });
+                    }
+                }
+                Settle::Settled {
+                    seq,
+                    delivered,
+                    reply,
+                    outcome: Ack::Retry,
+                } => {
+                    if let Some(slot) = open.get_mut(&seq) {
+                        *slot = None;
+                    }
+                    let nak = jetstream::AckKind::Nak(Some(retry_delay(delivered, ack_wait)));
+                    if let Err(e) = client.publish(reply, nak.into()).await {
+                        tracing::warn!(error = %e, "JetStream NAK failed; the message comes back after Nats:AckWaitSeconds");
+                    }
+                }
+            }
+            n += 1;
+            next = if n < 4096 { rx.try_recv().ok() } else { None };
+        }
+        let mut last = None;
+        while let Some(entry) = open.first_entry() {
+            if entry.get().is_none() {
+                break;
+            }
+            last = entry.remove();
+        }
+        if let Some(held) = last {
+            let ack = jetstream::AckKind::Ack;
+            if let Err(e) = client.publish(held.reply, ack.into()).await {
+                tracing::warn!(error = %e, "JetStream ack failed; those messages will be redelivered");
+            }
         }
     }
 }
 
-/// How soon a message handed back for a retry is delivered again.
+/// A settled message whose acknowledgement waits for an earlier one.
+struct Held {
+    reply: async_nats::Subject,
+    /// Settled, or last kept alive, at.
+    since: tokio::time::Instant,
+}
+
+/// Sends a progress ack for every settled message that has waited
+/// `keep_alive` since it was settled or last kept alive.
+async fn keep_held_alive(
+    client: &async_nats::Client,
+    open: &mut std::collections::BTreeMap<u64, Option<Held>>,
+    keep_alive: Duration,
+) {
+    let now = tokio::time::Instant::now();
+    for held in open.values_mut().flatten() {
+        if now.duration_since(held.since) >= keep_alive {
+            held.since = now;
+            let progress = jetstream::AckKind::Progress;
+            if let Err(e) = client.publish(held.reply.clone(), progress.into()).await {
+                tracing::debug!(error = %e, "JetStream progress ack failed");
+            }
+        }
+    }
+}
+
+/// How soon a message handed back for a retry is delivered again, at first.
 const RETRY_DELAY: Duration = Duration::from_secs(1);
+
+/// The topic's stream, created if missing.
+async fn ensure_stream(
+    js: &jetstream::Context,
+    topic: &str,
+    max_messages: i64,
+) -> Result<stream::Stream, BusError> {
+    js.get_or_create_stream(stream::Config {
+        name: safe_name("wm_", topic),
+        subjects: vec![subject(topic)],
+        max_messages,
+        ..Default::default()
+    })
+    .await
+    .map_err(unavailable)
+}
+
+/// The group's durable consumer on `stream`. A consumer made by an older
+/// version with per-message acknowledgements is replaced by one that starts
+/// after its acknowledged floor (the messages it had delivered but not
+/// acknowledged come again: at-least-once).
+async fn consumer_for(
+    stream: &stream::Stream,
+    name: &str,
+    settings: &NatsBusSettings,
+) -> Result<consumer::PullConsumer, BusError> {
+    let config = consumer::pull::Config {
+        durable_name: Some(name.to_string()),
+        deliver_policy: consumer::DeliverPolicy::New,
+        ack_policy: consumer::AckPolicy::All,
+        ack_wait: settings.ack_wait,
+        // Unbounded at the server: past `Nats:MaxDeliver` the reader moves
+        // the message to the dead-letter topic itself.
+        max_deliver: -1,
+        ..Default::default()
+    };
+    let existing: consumer::PullConsumer = stream
+        .get_or_create_consumer(name, config.clone())
+        .await
+        .map_err(unavailable)?;
+    let info = existing.cached_info();
+    if info.config.ack_policy == consumer::AckPolicy::All {
+        return Ok(existing);
+    }
+    let start_sequence = info.ack_floor.stream_sequence + 1;
+    tracing::info!(
+        consumer = name,
+        start_sequence,
+        "replacing a JetStream consumer that acknowledged message by message"
+    );
+    stream.delete_consumer(name).await.map_err(unavailable)?;
+    stream
+        .create_consumer(consumer::pull::Config {
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence { start_sequence },
+            ..config
+        })
+        .await
+        .map_err(unavailable)
+}
+
+/// Publishes `event` to `{topic}-dead` with the reason: it was delivered
+/// more than `max_deliver` times without being settled.
+async fn dead_letter(
+    js: &jetstream::Context,
+    settings: &NatsBusSettings,
+    topic: &str,
+    group: &str,
+    mut event: CloudEvent,
+) -> Result<(), BusError> {
+    let dead = format!("{topic}-dead");
+    ensure_stream(js, &dead, settings.stream_max_messages).await?;
+    event.0.insert(
+        "deadletterreason".into(),
+        format!(
+            "delivered more than {} times (Nats:MaxDeliver) without being settled",
+            settings.max_deliver
+        )
+        .into(),
+    );
+    event.0.insert("deadletterworker".into(), group.into());
+    let payload = serde_json::to_vec(&event.0).map_err(unavailable)?;
+    js.publish(subject(&dead), payload.into())
+        .await
+        .map_err(unavailable)?
+        .await
+        .map_err(unavailable)?;
+    Ok(())
+}
 
 #[async_trait]
 impl Bus for NatsBus {
@@ -239,51 +449,75 @@ impl Bus for NatsBus {
         let (stop_tx, stop_rx) = watch::channel(false);
         for t in topics {
             let stream = self.stream(t).await?;
-            let name = safe_name("w_", group);
-            let consumer: consumer::PullConsumer = stream
-                .get_or_create_consumer(
-                    &name,
-                    consumer::pull::Config {
-                        durable_name: Some(name.clone()),
-                        deliver_policy: consumer::DeliverPolicy::New,
-                        ack_policy: consumer::AckPolicy::Explicit,
-                        ack_wait: self.settings.ack_wait,
-                        max_deliver: self.settings.max_deliver,
-                        ..Default::default()
-                    },
-                )
-                .await
-                .map_err(unavailable)?;
+            let consumer = consumer_for(&stream, &safe_name("w_", group), &self.settings).await?;
             let mut messages = consumer.messages().await.map_err(unavailable)?;
             let (tx, mut stop, topic) = (tx.clone(), stop_rx.clone(), Arc::<str>::from(t.as_str()));
             let (acks, ack_rx) = mpsc::unbounded_channel();
-            tokio::spawn(ack_task(ack_rx));
+            tokio::spawn(ack_task(
+                self.client.clone(),
+                ack_rx,
+                self.settings.ack_wait,
+            ));
+            let (js, settings, group) = (self.js.clone(), self.settings.clone(), group.to_string());
             tokio::spawn(async move {
                 loop {
                     let next = tokio::select! {
                         _ = stop.wait_for(|s| *s) => return,
                         m = messages.next() => m,
                     };
-                    match next {
-                        Some(Ok(m)) => {
-                            let Some(event) = decode(&m.payload) else {
-                                NatsAck::new(m, &acks).ack(Ack::Done);
-                                continue;
-                            };
-                            let d = Delivery {
-                                topic: topic.clone(),
-                                event,
-                                acker: Some(Box::new(NatsAck::new(m, &acks))),
-                            };
-                            if tx.send(d).await.is_err() {
-                                return;
-                            }
-                        }
+                    let m = match next {
+                        Some(Ok(m)) => m,
                         Some(Err(e)) => {
                             tracing::warn!(error = %e, "JetStream consumer error; retrying");
                             tokio::time::sleep(Duration::from_millis(200)).await;
+                            continue;
                         }
                         None => return,
+                    };
+                    let (Some(reply), Ok((seq, delivered))) = (
+                        m.message.reply.clone(),
+                        m.info().map(|i| (i.stream_sequence, i.delivered)),
+                    ) else {
+                        // Every message of a pull consumer carries its ack
+                        // subject, with its sequence in it; one that does
+                        // not cannot be acknowledged and is left alone.
+                        tracing::warn!(subject = %m.subject, "JetStream message without delivery information skipped");
+                        continue;
+                    };
+                    let event = decode(&m.payload);
+                    let _ = acks.send(Settle::Delivered(seq));
+                    let ack = NatsAck {
+                        seq,
+                        delivered,
+                        reply: std::sync::Mutex::new(Some(reply)),
+                        tx: acks.clone(),
+                    };
+                    let Some(event) = event else {
+                        tracing::warn!(topic = %topic, seq, "unreadable JetStream message acknowledged and skipped");
+                        ack.ack(Ack::Done);
+                        continue;
+                    };
+                    if delivered > settings.max_deliver {
+                        let moved = dead_letter(&js, &settings, &topic, &group, event).await;
+                        match moved {
+                            Ok(()) => {
+                                tracing::warn!(topic = %topic, group, seq, "a message delivered too often was dead-lettered");
+                                ack.ack(Ack::Done);
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "dead-lettering failed; the message comes again");
+                                ack.ack(Ack::Retry);
+                            }
+                        }
+                        continue;
+                    }
+                    let d = Delivery {
+                        topic: topic.clone(),
+                        event,
+                        acker: Some(Box::new(ack)),
+                    };
+                    if tx.send(d).await.is_err() {
+                        return;
                     }
                 }
             });
@@ -393,6 +627,143 @@ mod tests {
             .unwrap();
         assert_eq!(d.event.0["data"], serde_json::json!(9));
         d.ack(Ack::Done);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_retried_message_comes_again_and_nothing_settled_is_delivered_twice() {
+        let n = NatsServer::start();
+        let settings = NatsBusSettings {
+            ack_wait: Duration::from_secs(2),
+            ..settings()
+        };
+        let b = NatsBus::connect(&n.url(), NatsAuth::default(), settings.clone())
+            .await
+            .unwrap();
+        let mut s = b.subscribe(&["t".into()], "w1").await.unwrap();
+        for i in 1..=3 {
+            b.publish("t", suite::ev(i)).await.unwrap();
+        }
+        let first = recv(&mut s.receiver).await;
+        assert_eq!(first.event.0["data"], serde_json::json!(1));
+        first.ack(Ack::Retry);
+        for want in [2, 3] {
+            let d = recv(&mut s.receiver).await;
+            assert_eq!(d.event.0["data"], serde_json::json!(want));
+            d.ack(Ack::Done);
+        }
+        // Handed back twice (1 s, then 2 s later): 2 and 3 wait for it
+        // longer than the ack wait, unacknowledged but kept alive, so they
+        // are not delivered again meanwhile.
+        let again = recv(&mut s.receiver).await;
+        assert_eq!(
+            again.event.0["data"],
+            serde_json::json!(1),
+            "handed back, so delivered again"
+        );
+        again.ack(Ack::Retry);
+        let again = recv(&mut s.receiver).await;
+        assert_eq!(again.event.0["data"], serde_json::json!(1));
+        again.ack(Ack::Done);
+        // A delivery dropped unsettled (its worker went away) comes back too.
+        b.publish("t", suite::ev(4)).await.unwrap();
+        drop(recv(&mut s.receiver).await);
+        let d = recv(&mut s.receiver).await;
+        assert_eq!(d.event.0["data"], serde_json::json!(4));
+        d.ack(Ack::Done);
+        b.unsubscribe(&["t".into()], "w1").await;
+        drop(s);
+        // Everything was settled: the next consumer of the group, past the
+        // ack wait, gets only what is new.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let heir = NatsBus::connect(&n.url(), NatsAuth::default(), settings)
+            .await
+            .unwrap();
+        let mut s = heir.subscribe(&["t".into()], "w1").await.unwrap();
+        heir.publish("t", suite::ev(5)).await.unwrap();
+        let d = recv(&mut s.receiver).await;
+        assert_eq!(d.event.0["data"], serde_json::json!(5));
+        d.ack(Ack::Done);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_message_retried_too_often_goes_to_the_dead_letter_topic() {
+        let n = NatsServer::start();
+        let b = NatsBus::connect(
+            &n.url(),
+            NatsAuth::default(),
+            NatsBusSettings {
+                max_deliver: 2,
+                ..settings()
+            },
+        )
+        .await
+        .unwrap();
+        let mut dead = b.subscribe(&["t-dead".into()], "dlq").await.unwrap();
+        let mut s = b.subscribe(&["t".into()], "w1").await.unwrap();
+        b.publish("t", suite::ev(7)).await.unwrap();
+        for _ in 0..2 {
+            let d = recv(&mut s.receiver).await;
+            assert_eq!(d.event.0["data"], serde_json::json!(7));
+            d.ack(Ack::Retry);
+        }
+        let d = recv(&mut dead.receiver).await;
+        assert_eq!(d.event.0["data"], serde_json::json!(7));
+        assert!(d
+            .event
+            .get_str("deadletterreason")
+            .unwrap()
+            .contains("Nats:MaxDeliver"));
+        assert_eq!(d.event.get_str("deadletterworker"), Some("w1"));
+        d.ack(Ack::Done);
+        b.publish("t", suite::ev(8)).await.unwrap();
+        let d = recv(&mut s.receiver).await;
+        assert_eq!(
+            d.event.0["data"],
+            serde_json::json!(8),
+            "not delivered a third time"
+        );
+        d.ack(Ack::Done);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_consumer_left_by_an_older_version_resumes_after_its_acknowledged_messages() {
+        let n = NatsServer::start();
+        let b = bus(&n).await;
+        // What an older version made: per-message acknowledgements.
+        let stream = b.stream("t").await.unwrap();
+        let name = safe_name("w_", "w1");
+        let old: consumer::PullConsumer = stream
+            .create_consumer(consumer::pull::Config {
+                durable_name: Some(name.clone()),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        for i in 1..=3 {
+            b.publish("t", suite::ev(i)).await.unwrap();
+        }
+        let mut batch = old.fetch().max_messages(3).messages().await.unwrap();
+        let m = batch.next().await.unwrap().unwrap();
+        m.double_ack().await.unwrap();
+        drop(batch);
+        let mut s = b.subscribe(&["t".into()], "w1").await.unwrap();
+        for want in [2, 3] {
+            let d = recv(&mut s.receiver).await;
+            assert_eq!(d.event.0["data"], serde_json::json!(want));
+            d.ack(Ack::Done);
+        }
+        let info = stream.consumer_info(&name).await.unwrap();
+        assert_eq!(info.config.ack_policy, consumer::AckPolicy::All);
+    }
+
+    #[test]
+    fn retries_back_off_up_to_the_ack_wait() {
+        let wait = Duration::from_secs(60);
+        assert_eq!(retry_delay(1, wait), Duration::from_secs(1));
+        assert_eq!(retry_delay(3, wait), Duration::from_secs(4));
+        assert_eq!(retry_delay(9, wait), wait);
+        assert_eq!(retry_delay(i64::MAX, wait), wait);
     }
 
     #[test]

@@ -835,7 +835,11 @@ mod tests {
         // A later read: both ids are remembered.
         b.publish_many("t", vec![c, a, suite::ev(4)]).await.unwrap();
         let d = recv(&mut s.receiver).await;
-        assert_eq!(d.event.0["data"], serde_json::json!(4), "the repeats were skipped");
+        assert_eq!(
+            d.event.0["data"],
+            serde_json::json!(4),
+            "the repeats were skipped"
+        );
         d.ack(Ack::Done);
         // Another worker (group) on the topic gets its own copy of each id.
         let mut other = b.subscribe(&["t".into()], "w2").await.unwrap();

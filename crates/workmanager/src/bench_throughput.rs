@@ -145,6 +145,26 @@ struct Through {
     rss: Vec<u64>,
 }
 
+/// How a throughput run feeds and watches its worker.
+#[derive(Clone, Copy)]
+struct Feed {
+    max_concurrency: u32,
+    /// A gRPC subscriber on the output topic counts what it receives.
+    observe: bool,
+    /// Concurrent HTTP publishers.
+    publishers: usize,
+    /// The broker's process, for its CPU per message.
+    broker: Option<u32>,
+}
+
+/// One sequential publisher, no subscriber, `max_concurrency` 1.
+const PLAIN: Feed = Feed {
+    max_concurrency: 1,
+    observe: false,
+    publishers: 1,
+    broker: None,
+};
+
 /// Publishes `n` events in batches to a fresh worker and waits until it has
 /// processed them all.
 async fn through_service(
@@ -152,11 +172,14 @@ async fn through_service(
     n: usize,
     code: &str,
     topic: &str,
-    max_concurrency: u32,
-    observe: bool,
-    publishers: usize,
-    broker: Option<u32>,
+    feed: Feed,
 ) -> Result<Through> {
+    let Feed {
+        max_concurrency,
+        observe,
+        publishers,
+        broker,
+    } = feed;
     let req = pb::CreateWorkerRequest {
         code_source: Some(pb::CodeSource {
             source: Some(pb::code_source::Source::Content(code.as_bytes().to_vec())),
@@ -318,13 +341,33 @@ pub(crate) async fn run(
     let mut rounds = Vec::new();
     for _ in 0..ROUNDS {
         let bare = bare_pipelined(python, messages).await?;
-        let echo = through_service(b, messages, ECHO_WORKER, "tp.in", 1, true, 1, None).await?;
-        let unobserved = through_service(b, messages, ECHO_WORKER, "tp.in", 1, false, 1, None).await?;
+        let echo = through_service(
+            b,
+            messages,
+            ECHO_WORKER,
+            "tp.in",
+            Feed {
+                observe: true,
+                ..PLAIN
+            },
+        )
+        .await?;
+        let unobserved = through_service(b, messages, ECHO_WORKER, "tp.in", PLAIN).await?;
         rounds.push((bare, echo, unobserved));
     }
     let rss_after = rss_kib(b.pid);
-    let one = through_service(b, cpu_messages, BUSY_WORKER, "cpu.one", 1, false, 1, None).await?;
-    let two = through_service(b, cpu_messages, BUSY_WORKER, "cpu.two", 2, false, 1, None).await?;
+    let one = through_service(b, cpu_messages, BUSY_WORKER, "cpu.one", PLAIN).await?;
+    let two = through_service(
+        b,
+        cpu_messages,
+        BUSY_WORKER,
+        "cpu.two",
+        Feed {
+            max_concurrency: 2,
+            ..PLAIN
+        },
+    )
+    .await?;
     println!("\n### Throughput\n");
     println!("{messages} messages of ~1 KB per run; CloudEvents batches of {BATCH} over HTTP; bare child {DEPTH} deep; {ROUNDS} rounds.\n");
     println!(
@@ -375,7 +418,7 @@ pub(crate) async fn run(
         );
     }
     if soak_messages > 0 {
-        let soak = through_service(b, soak_messages, ECHO_WORKER, "tp.in", 1, false, 1, None).await?;
+        let soak = through_service(b, soak_messages, ECHO_WORKER, "tp.in", PLAIN).await?;
         // Flatness is judged after the first fifth (allocator and buffers warm up).
         let steady = &soak.rss[soak.rss.len() / 5..];
         if let (Some(lo), Some(hi)) = (steady.iter().min(), steady.iter().max()) {
@@ -430,16 +473,26 @@ pub(crate) async fn compare_buses(
         // The publishing side alone (no worker on the topic).
         for publishers in [1, PUBLISHERS] {
             let started = Instant::now();
-            publish(other, &format!("cmp.publish-only.{round}"), messages, publishers).await?;
-            publish_only.push((publishers, messages as f64 / started.elapsed().as_secs_f64()));
+            publish(
+                other,
+                &format!("cmp.publish-only.{round}"),
+                messages,
+                publishers,
+            )
+            .await?;
+            publish_only.push((
+                publishers,
+                messages as f64 / started.elapsed().as_secs_f64(),
+            ));
         }
         for (i, (name, code, publishers)) in scenarios.into_iter().enumerate() {
-            let e =
-                through_service(embedded, messages, code, "cmp.in", 1, false, publishers, None)
-                    .await?;
+            let feed = Feed {
+                publishers,
+                ..PLAIN
+            };
+            let e = through_service(embedded, messages, code, "cmp.in", feed).await?;
             let r =
-                through_service(other, messages, code, "cmp.in", 1, false, publishers, broker)
-                    .await?;
+                through_service(other, messages, code, "cmp.in", Feed { broker, ..feed }).await?;
             ratios[i].push(r.rate / e.rate);
             println!(
                 "| {round} | {name} | {publishers} | {:.0}/s | {:.0}/s | {:.0}% | {:.1} / {:.1} µs | {:.0}% / {:.0}% | {:.0}% / {:.0}% | {:.1} µs |",
