@@ -469,13 +469,14 @@ pub(crate) async fn compare_buses(
     ];
     let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); scenarios.len()];
     let mut publish_only: Vec<(usize, f64)> = Vec::new();
+    let run = std::process::id();
     for round in 1..=ROUNDS {
         // The publishing side alone (no worker on the topic).
         for publishers in [1, PUBLISHERS] {
             let started = Instant::now();
             publish(
                 other,
-                &format!("cmp.publish-only.{round}"),
+                &format!("cmp.{run}.publish-only.{round}.{publishers}"),
                 messages,
                 publishers,
             )
@@ -490,9 +491,12 @@ pub(crate) async fn compare_buses(
                 publishers,
                 ..PLAIN
             };
-            let e = through_service(embedded, messages, code, "cmp.in", feed).await?;
-            let r =
-                through_service(other, messages, code, "cmp.in", Feed { broker, ..feed }).await?;
+            // A fresh topic per run: a networked bus's stream starts empty,
+            // as on a new deployment, not at its length limit from the
+            // runs before (trimming the oldest entry on every publish).
+            let topic = format!("cmp.{run}.{round}.{i}");
+            let e = through_service(embedded, messages, code, &topic, feed).await?;
+            let r = through_service(other, messages, code, &topic, Feed { broker, ..feed }).await?;
             ratios[i].push(r.rate / e.rate);
             println!(
                 "| {round} | {name} | {publishers} | {:.0}/s | {:.0}/s | {:.0}% | {:.1} / {:.1} µs | {:.0}% / {:.0}% | {:.0}% / {:.0}% | {:.1} µs |",
