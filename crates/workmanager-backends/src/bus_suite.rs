@@ -71,6 +71,27 @@ pub(crate) async fn unsubscribe_ends_the_subscription(bus: &dyn Bus) {
     );
 }
 
+/// A removed group (its worker was deleted) keeps nothing: subscribed
+/// again, it starts with new messages, not with those published meanwhile.
+pub(crate) async fn a_removed_group_starts_afresh(bus: &dyn Bus) {
+    let mut s = bus.subscribe(&["t".into()], "g").await.unwrap();
+    bus.publish("t", ev(1)).await.unwrap();
+    assert_eq!(next(&mut s.receiver).await, 1);
+    bus.unsubscribe(&["t".into()], "g").await;
+    drop(s);
+    // A stopped reader's last blocking read ends (Redis: within 0.5 s).
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    bus.remove_group(&["t".into()], "g").await;
+    bus.publish("t", ev(2)).await.unwrap();
+    let mut s = bus.subscribe(&["t".into()], "g").await.unwrap();
+    bus.publish("t", ev(3)).await.unwrap();
+    assert_eq!(
+        next(&mut s.receiver).await,
+        3,
+        "nothing kept for the removed group"
+    );
+}
+
 /// A consumer and an observer keep working across a restart of the server
 /// (`restart` restarts it). At least once: message 1 may come again if its
 /// acknowledgement raced the restart; message 2 must come.

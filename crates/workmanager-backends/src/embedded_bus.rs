@@ -307,6 +307,12 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn contract_a_removed_group_starts_afresh() {
+        let bus = EmbeddedBus::new(8, Duration::from_millis(50));
+        crate::bus_suite::a_removed_group_starts_afresh(&bus).await;
+    }
+
+    #[tokio::test]
     async fn unsubscribe_drains_then_ends_and_watchers_see_everything() {
         let bus = EmbeddedBus::new(8, Duration::from_millis(50));
         let mut w = bus.watch("t");

@@ -536,6 +536,24 @@ impl Bus for NatsBus {
         self.readers.stop_group(group);
     }
 
+    /// Deletes the group's durable consumer on each topic's stream.
+    async fn remove_group(&self, topics: &[String], group: &str) {
+        let name = safe_name("w_", group);
+        for t in topics {
+            let deleted = match self.stream(t).await {
+                Ok(stream) => stream
+                    .delete_consumer(&name)
+                    .await
+                    .map(|_| ())
+                    .map_err(unavailable),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = deleted {
+                tracing::warn!(error = %e, topic = %t, consumer = name, "deleting the JetStream consumer failed; it stays on the server");
+            }
+        }
+    }
+
     fn watch(&self, topic: &str) -> broadcast::Receiver<Arc<CloudEvent>> {
         self.readers.watch(topic, |tx| {
             let client = self.client.clone();
@@ -605,6 +623,12 @@ mod tests {
     async fn unsubscribe_ends_the_subscription() {
         let n = NatsServer::start();
         suite::unsubscribe_ends_the_subscription(&bus(&n).await).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_removed_group_starts_afresh() {
+        let n = NatsServer::start();
+        suite::a_removed_group_starts_afresh(&bus(&n).await).await;
     }
 
     #[tokio::test(flavor = "multi_thread")]

@@ -260,6 +260,11 @@ impl Reader {
                 }
                 Ok(None) => {}
                 Err(e) => {
+                    if *self.stop.borrow() {
+                        // Stopped, and perhaps its group removed: a read
+                        // that failed meanwhile must not create it again.
+                        return;
+                    }
                     if e.to_string().contains("NOGROUP") {
                         for (stream, _) in &self.topics {
                             create_group(&self.control, stream, &self.group).await;
@@ -613,6 +618,24 @@ impl Bus for RedisBus {
         self.readers.stop_group(group);
     }
 
+    /// `XGROUP DESTROY` on each topic's stream. The group's remembered event
+    /// ids expire with their window.
+    async fn remove_group(&self, topics: &[String], group: &str) {
+        for t in topics {
+            let stream = stream_key(t);
+            let r: Result<(), String> = self
+                .conn
+                .run("XGROUP DESTROY", |mut c| {
+                    let stream = stream.clone();
+                    async move { c.xgroup_destroy(&stream, group).await }
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::warn!(error = %e, stream, group, "XGROUP DESTROY failed; the group stays on the server");
+            }
+        }
+    }
+
     fn watch(&self, topic: &str) -> broadcast::Receiver<Arc<CloudEvent>> {
         self.readers.watch(topic, |tx| {
             let client = self.client.clone();
@@ -696,6 +719,12 @@ mod tests {
     async fn unsubscribe_ends_the_subscription() {
         let r = RedisServer::start();
         suite::unsubscribe_ends_the_subscription(&bus(&r, "i1").await).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_removed_group_starts_afresh() {
+        let r = RedisServer::start();
+        suite::a_removed_group_starts_afresh(&bus(&r, "i1").await).await;
     }
 
     async fn recv(rx: &mut mpsc::Receiver<Delivery>) -> Delivery {

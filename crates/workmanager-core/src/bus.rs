@@ -107,6 +107,16 @@ pub trait Bus: Send + Sync {
     /// Leaves `group` on each topic; nothing more is delivered to it.
     async fn unsubscribe(&self, topics: &[String], group: &str);
 
+    /// The group's worker was deleted: drop what the bus keeps for `group`
+    /// on each topic (a networked bus's consumer group or durable consumer,
+    /// with its position and pending messages), so deleted workers leave
+    /// nothing behind on the broker. Called after `unsubscribe`; a group
+    /// subscribed again later starts with new messages. Default: nothing
+    /// kept.
+    async fn remove_group(&self, topics: &[String], group: &str) {
+        let _ = (topics, group);
+    }
+
     /// A live feed of the topic for observers; lagging observers skip.
     /// Events are shared, not copied per observer: a sole observer takes its
     /// event back with `Arc::unwrap_or_clone` without a copy.

@@ -756,6 +756,10 @@ impl Manager {
             self.lifecycle(ctx, slot, "stopped", None);
         }
         self.persist_delete(&slot.id).await?;
+        self.inner
+            .bus
+            .remove_group(&slot.topics, slot.id.as_str())
+            .await;
         write_map(&self.inner.workers).remove(&slot.id);
         if let Some(engine) = slot.set_engine(None) {
             engine.shutdown().await;

@@ -325,6 +325,10 @@ impl Bus for ResilientBus {
         self.inner.unsubscribe(topics, group).await
     }
 
+    async fn remove_group(&self, topics: &[String], group: &str) {
+        self.inner.remove_group(topics, group).await
+    }
+
     fn watch(&self, topic: &str) -> broadcast::Receiver<Arc<CloudEvent>> {
         self.inner.watch(topic)
     }
