@@ -251,16 +251,20 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             format!("{section}:Url={url}"),
         ];
         let mut other = Bench::start_with(&python, "standard", &extra).await?;
-        let broker = url::Url::parse(url)
-            .ok()
-            .and_then(|u| u.port())
-            .and_then(crate::bench_throughput::listener_pid);
+        let broker = crate::bench_throughput::Broker {
+            kind,
+            url: url.clone(),
+            pid: url::Url::parse(url)
+                .ok()
+                .and_then(|u| u.port())
+                .and_then(crate::bench_throughput::listener_pid),
+        };
         result = crate::bench_throughput::compare_buses(
             args.messages,
             &mut standard,
             &mut other,
             label,
-            broker,
+            &broker,
         )
         .await;
         other.stop().await;

@@ -78,6 +78,41 @@ pub(crate) fn listener_pid(port: u16) -> Option<u32> {
     None
 }
 
+/// The broker under test in a bus comparison.
+pub(crate) struct Broker {
+    /// `redis` or `nats`.
+    pub(crate) kind: &'static str,
+    pub(crate) url: String,
+    /// Its process, for its CPU per message, when visible.
+    pub(crate) pid: Option<u32>,
+}
+
+impl Broker {
+    /// Deletes a finished run's topic (its stream) from the broker, so each
+    /// run starts from the same state: left behind, the streams of earlier
+    /// runs grow the data set that Redis's append-only-file rewrites copy and
+    /// compress in the background, on the same two cores.
+    async fn drop_topic(&self, topic: &str) -> Result<()> {
+        match self.kind {
+            "redis" => {
+                let client = redis::Client::open(self.url.as_str())?;
+                let mut c = client.get_multiplexed_async_connection().await?;
+                let key = workmanager_backends::redis_bus::stream_key(topic);
+                redis::cmd("DEL").arg(key).query_async::<()>(&mut c).await?;
+            }
+            "nats" => {
+                let client = async_nats::connect(self.url.as_str()).await?;
+                let js = async_nats::jetstream::new(client);
+                let name = workmanager_backends::nats_bus::safe_name("wm_", topic);
+                // Absent (never published to) is fine.
+                let _ = js.delete_stream(name).await;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
 /// The machine's idle and total CPU time so far (jiffies, all cores).
 fn machine_idle() -> Option<(u64, u64)> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
@@ -448,7 +483,7 @@ pub(crate) async fn compare_buses(
     embedded: &mut Bench,
     other: &mut Bench,
     label: &str,
-    broker: Option<u32>,
+    broker: &Broker,
 ) -> Result<()> {
     println!("\n### Embedded bus vs {label}\n");
     println!(
@@ -474,17 +509,13 @@ pub(crate) async fn compare_buses(
         // The publishing side alone (no worker on the topic).
         for publishers in [1, PUBLISHERS] {
             let started = Instant::now();
-            publish(
-                other,
-                &format!("cmp.{run}.publish-only.{round}.{publishers}"),
-                messages,
-                publishers,
-            )
-            .await?;
+            let topic = format!("cmp.{run}.publish-only.{round}.{publishers}");
+            publish(other, &topic, messages, publishers).await?;
             publish_only.push((
                 publishers,
                 messages as f64 / started.elapsed().as_secs_f64(),
             ));
+            broker.drop_topic(&topic).await?;
         }
         for (i, (name, code, publishers)) in scenarios.into_iter().enumerate() {
             let feed = Feed {
@@ -496,7 +527,12 @@ pub(crate) async fn compare_buses(
             // runs before (trimming the oldest entry on every publish).
             let topic = format!("cmp.{run}.{round}.{i}");
             let e = through_service(embedded, messages, code, &topic, feed).await?;
-            let r = through_service(other, messages, code, &topic, Feed { broker, ..feed }).await?;
+            let other_feed = Feed {
+                broker: broker.pid,
+                ..feed
+            };
+            let r = through_service(other, messages, code, &topic, other_feed).await?;
+            broker.drop_topic(&topic).await?;
             ratios[i].push(r.rate / e.rate);
             println!(
                 "| {round} | {name} | {publishers} | {:.0}/s | {:.0}/s | {:.0}% | {:.1} / {:.1} µs | {:.0}% / {:.0}% | {:.0}% / {:.0}% | {:.1} µs |",
