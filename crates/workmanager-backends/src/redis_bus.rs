@@ -11,8 +11,8 @@
 //!   or dead-lettered). Messages left pending — their consumer died — are
 //!   taken over with `XAUTOCLAIM` after `Redis:VisibilityTimeoutSeconds`.
 //! - Duplicates: an event id already seen by the group within
-//!   `Redis:DedupWindowSeconds` is acknowledged and skipped (one script per
-//!   read, sets per time bucket: `SEEN`), so an event published twice — a
+//!   `Redis:DedupWindowSeconds` is acknowledged and skipped (one transaction per
+//!   read, sets per time bucket), so an event published twice — a
 //!   publisher's retry, or an output published again after a crash (its id
 //!   is derived from the input's) — runs a worker once.
 //! - Observers (`watch`): one `XREAD` task per watched topic, from "now".
@@ -33,34 +33,17 @@ use workmanager_core::CloudEvent;
 use crate::readers::{GroupHandle, Readers};
 use crate::redis_conn::Healing;
 
-/// The duplicate check of one read, in one call. Event ids seen by a group
-/// live in sets per time bucket of the window (the server's clock): the
-/// read's ids are looked up in the previous and the current bucket and
-/// added to the current one, three bulk commands whatever the read's size
-/// (`SMISMEMBER` needs Redis 6.2 / Valkey 7.2 or later). A bucket expires two
-/// windows after it was last written, so an id is remembered for one to two
-/// windows. Only first deliveries (`>` reads) are checked: a message taken
-/// over from a dead consumer is its own first carrier. Measured per
-/// message, this costs the server ~1 µs where a hash field per id written
-/// from Lua cost ~6.5 µs and a key with its own expiry more (BENCHMARKS.md).
-/// KEYS[1]: the group's prefix; ARGV[1]: window seconds; then the event
-/// ids. Returns, per id, 1 if it was seen before, else 0.
-const SEEN: &str = r#"
-local window = tonumber(ARGV[1])
-local now = tonumber(redis.call('TIME')[1])
-local bucket = math.floor(now / window)
-local cur = KEYS[1] .. ':' .. bucket
-local prev = KEYS[1] .. ':' .. (bucket - 1)
-local before = redis.call('SMISMEMBER', prev, unpack(ARGV, 2))
-local now_seen = redis.call('SMISMEMBER', cur, unpack(ARGV, 2))
-redis.call('SADD', cur, unpack(ARGV, 2))
-redis.call('EXPIRE', cur, 2 * window)
-for i = 1, #before do
-  before[i] = before[i] + now_seen[i]
-end
-return before
-"#;
-
+/// The duplicate check of one read is one transaction of bulk set
+/// commands, whatever the read's size: event ids seen by a group live in
+/// sets per time bucket of the window; the read's ids are looked up in the
+/// previous and the current bucket (`SMISMEMBER`, Redis 6.2 / Valkey 7.2 or
+/// later) and added to the current one, which expires two windows after it
+/// was last written, so an id is remembered for one to two windows. Only
+/// first deliveries (`>` reads) are checked: a message taken over from a
+/// dead consumer is its own first carrier. Per message this costs the
+/// server ~1.4 µs, where the same sets written from a Lua script cost
+/// ~2.5 µs, a hash field per id from Lua ~6.5 µs and a key with its own
+/// expiry more (BENCHMARKS.md).
 /// Messages read per `XREADGROUP` (the dispatcher then pipelines them to
 /// the worker 64 at a time).
 const READ_COUNT: usize = 256;
@@ -213,8 +196,6 @@ struct Reader {
     settings: RedisBusSettings,
     queue: mpsc::Sender<Delivery>,
     stop: watch::Receiver<bool>,
-    /// The duplicate check (`SEEN`).
-    seen: redis::Script,
 }
 
 impl Reader {
@@ -412,7 +393,7 @@ impl Reader {
         }
     }
 
-    /// Drops duplicates among first deliveries (one script call for the
+    /// Drops duplicates among first deliveries (one transaction for the
     /// whole read) and hands the rest over. False when the consumer is gone.
     async fn deliver(&mut self, entries: Vec<Entry>, first_delivery: bool) -> bool {
         let window = self.settings.dedup_window.as_secs();
@@ -448,16 +429,41 @@ impl Reader {
         if checked.is_empty() {
             return out;
         }
-        let mut inv = self.seen.prepare_invoke();
-        inv.key(format!("workmanager:seen:{}", self.group))
-            .arg(window);
-        for (_, eid) in &checked {
-            inv.arg(*eid);
-        }
+        // Buckets by this instance's clock: a worker's group is read by one
+        // instance at a time, and a clock skew under a window between the
+        // old and the new owner still finds an id in one of the two buckets.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let bucket = now / window;
+        let prefix = format!("workmanager:seen:{}", self.group);
+        let (cur, prev) = (
+            format!("{prefix}:{bucket}"),
+            format!("{prefix}:{}", bucket.saturating_sub(1)),
+        );
+        let ids: Vec<&str> = checked.iter().map(|(_, eid)| *eid).collect();
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("SMISMEMBER")
+            .arg(&prev)
+            .arg(&ids)
+            .cmd("SMISMEMBER")
+            .arg(&cur)
+            .arg(&ids)
+            .cmd("SADD")
+            .arg(&cur)
+            .arg(&ids)
+            .ignore()
+            .cmd("EXPIRE")
+            .arg(&cur)
+            .arg(2 * window)
+            .ignore();
         let seen: Result<Vec<u8>, String> = self
             .control
             .run("duplicate check", |mut c| async move {
-                inv.invoke_async(&mut c).await
+                let (before, now): (Vec<u8>, Vec<u8>) = pipe.query_async(&mut c).await?;
+                Ok(before.iter().zip(now).map(|(a, b)| a + b).collect())
             })
             .await;
         match seen {
@@ -598,7 +604,6 @@ impl Bus for RedisBus {
             settings: self.settings.clone(),
             queue: tx.clone(),
             stop: stop_rx,
-            seen: redis::Script::new(SEEN),
         };
         tokio::spawn(reader.run());
         self.readers.add_group(
