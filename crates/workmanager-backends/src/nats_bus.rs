@@ -217,7 +217,11 @@ fn retry_delay(delivered: i64, ack_wait: Duration) -> Duration {
 /// a message handed back for a retry, or still being processed, holds the
 /// acknowledgement of everything after it until it is done itself. Messages
 /// held that way are kept alive with progress acks (`+WPI`), so the server
-/// does not deliver them again after `ack_wait` while they wait.
+/// does not deliver them again after `ack_wait` while they wait. The cost:
+/// while one message waits for its retry, the consumer delivers at most the
+/// server's `max_ack_pending` messages beyond it (retries only happen while
+/// a backend is failing; a worker's own failures are retried and
+/// dead-lettered by the dispatcher and settle as done).
 async fn ack_task(
     client: async_nats::Client,
     mut rx: mpsc::UnboundedReceiver<Settle>,
