@@ -26,6 +26,21 @@ async fn next(rx: &mut tokio::sync::mpsc::Receiver<workmanager_core::bus::Delive
     n
 }
 
+/// Takes the next delivery, checks that it is event `want` (its data), and
+/// settles it with `outcome`.
+pub(crate) async fn take(
+    rx: &mut tokio::sync::mpsc::Receiver<workmanager_core::bus::Delivery>,
+    want: u64,
+    outcome: Ack,
+) {
+    let d = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+        .await
+        .expect("a delivery within 20 s")
+        .expect("the subscription is open");
+    assert_eq!(d.event.0["data"], json!(want));
+    d.ack(outcome);
+}
+
 pub(crate) async fn each_group_gets_each_message_once_in_order(bus: &dyn Bus) {
     let mut a = bus.subscribe(&["orders".into()], "g-a").await.unwrap();
     let mut b = bus.subscribe(&["orders".into()], "g-b").await.unwrap();

@@ -14,7 +14,7 @@ use async_nats::jetstream::{self, consumer, stream};
 use async_trait::async_trait;
 use futures::StreamExt;
 use tokio::sync::{broadcast, mpsc, watch};
-use workmanager_core::bus::{Ack, Acker, Bus, BusError, Delivery, Subscription};
+use workmanager_core::bus::{dead_letter_topic, Ack, Acker, Bus, BusError, Delivery, Subscription};
 use workmanager_core::CloudEvent;
 
 use crate::readers::{GroupHandle, Readers};
@@ -394,17 +394,15 @@ async fn dead_letter(
     group: &str,
     mut event: CloudEvent,
 ) -> Result<(), BusError> {
-    let dead = format!("{topic}-dead");
+    let dead = dead_letter_topic(topic);
     ensure_stream(js, &dead, settings.stream_max_messages).await?;
-    event.0.insert(
-        "deadletterreason".into(),
+    event.mark_dead_letter(
         format!(
             "delivered more than {} times (Nats:MaxDeliver) without being settled",
             settings.max_deliver
-        )
-        .into(),
+        ),
+        group,
     );
-    event.0.insert("deadletterworker".into(), group.into());
     let payload = serde_json::to_vec(&event.0).map_err(unavailable)?;
     js.publish(subject(&dead), payload.into())
         .await
@@ -671,13 +669,9 @@ mod tests {
         for i in 1..=3 {
             b.publish("t", suite::ev(i)).await.unwrap();
         }
-        let first = recv(&mut s.receiver).await;
-        assert_eq!(first.event.0["data"], serde_json::json!(1));
-        first.ack(Ack::Retry);
+        suite::take(&mut s.receiver, 1, Ack::Retry).await;
         for want in [2, 3] {
-            let d = recv(&mut s.receiver).await;
-            assert_eq!(d.event.0["data"], serde_json::json!(want));
-            d.ack(Ack::Done);
+            suite::take(&mut s.receiver, want, Ack::Done).await;
         }
         // Handed back twice (1 s, then 2 s later): 2 and 3 wait for it
         // longer than the ack wait, unacknowledged but kept alive, so they
@@ -689,15 +683,11 @@ mod tests {
             "handed back, so delivered again"
         );
         again.ack(Ack::Retry);
-        let again = recv(&mut s.receiver).await;
-        assert_eq!(again.event.0["data"], serde_json::json!(1));
-        again.ack(Ack::Done);
+        suite::take(&mut s.receiver, 1, Ack::Done).await;
         // A delivery dropped unsettled (its worker went away) comes back too.
         b.publish("t", suite::ev(4)).await.unwrap();
         drop(recv(&mut s.receiver).await);
-        let d = recv(&mut s.receiver).await;
-        assert_eq!(d.event.0["data"], serde_json::json!(4));
-        d.ack(Ack::Done);
+        suite::take(&mut s.receiver, 4, Ack::Done).await;
         b.unsubscribe(&["t".into()], "w1").await;
         drop(s);
         // Everything was settled: the next consumer of the group, past the
@@ -708,9 +698,7 @@ mod tests {
             .unwrap();
         let mut s = heir.subscribe(&["t".into()], "w1").await.unwrap();
         heir.publish("t", suite::ev(5)).await.unwrap();
-        let d = recv(&mut s.receiver).await;
-        assert_eq!(d.event.0["data"], serde_json::json!(5));
-        d.ack(Ack::Done);
+        suite::take(&mut s.receiver, 5, Ack::Done).await;
     }
 
     #[tokio::test(flavor = "multi_thread")]
@@ -730,9 +718,7 @@ mod tests {
         let mut s = b.subscribe(&["t".into()], "w1").await.unwrap();
         b.publish("t", suite::ev(7)).await.unwrap();
         for _ in 0..2 {
-            let d = recv(&mut s.receiver).await;
-            assert_eq!(d.event.0["data"], serde_json::json!(7));
-            d.ack(Ack::Retry);
+            suite::take(&mut s.receiver, 7, Ack::Retry).await;
         }
         let d = recv(&mut dead.receiver).await;
         assert_eq!(d.event.0["data"], serde_json::json!(7));
@@ -777,9 +763,7 @@ mod tests {
         drop(batch);
         let mut s = b.subscribe(&["t".into()], "w1").await.unwrap();
         for want in [2, 3] {
-            let d = recv(&mut s.receiver).await;
-            assert_eq!(d.event.0["data"], serde_json::json!(want));
-            d.ack(Ack::Done);
+            suite::take(&mut s.receiver, want, Ack::Done).await;
         }
         let info = stream.consumer_info(&name).await.unwrap();
         assert_eq!(info.config.ack_policy, consumer::AckPolicy::All);
@@ -856,9 +840,7 @@ mod tests {
             .unwrap();
         let mut s = b.subscribe(&["t".into()], "w1").await.unwrap();
         b.publish("t", suite::ev(5)).await.unwrap();
-        let d = recv(&mut s.receiver).await;
-        assert_eq!(d.event.0["data"], serde_json::json!(5));
-        d.ack(Ack::Done);
+        suite::take(&mut s.receiver, 5, Ack::Done).await;
         assert!(
             NatsBus::connect(&nats.url(), auth(false), settings())
                 .await

@@ -27,7 +27,7 @@ use redis::streams::{
 };
 use redis::AsyncCommands;
 use tokio::sync::{broadcast, mpsc, watch};
-use workmanager_core::bus::{Ack, Acker, Bus, BusError, Delivery, Subscription};
+use workmanager_core::bus::{dead_letter_topic, Ack, Acker, Bus, BusError, Delivery, Subscription};
 use workmanager_core::CloudEvent;
 
 use crate::readers::{GroupHandle, Readers};
@@ -349,7 +349,7 @@ impl Reader {
     /// Moves messages delivered too often to `{topic}-dead` (with the
     /// reason), then acknowledges them, in one transaction.
     async fn dead_letter(&self, stream: &str, topic: &str, ids: Vec<String>) {
-        let dead_key = stream_key(&format!("{topic}-dead"));
+        let dead_key = stream_key(&dead_letter_topic(topic));
         let stream = stream.to_string();
         let (group, max) = (self.group.clone(), self.settings.max_deliver);
         let ids_for_log = ids.len();
@@ -371,11 +371,10 @@ impl Reader {
                     let Some(mut event) = e.map.get("e").and_then(decode) else {
                         continue;
                     };
-                    event.0.insert(
-                        "deadletterreason".into(),
-                        format!("delivered more than {max} times (Redis:MaxDeliver) without being settled; its consumers kept stopping on it").into(),
+                    event.mark_dead_letter(
+                        format!("delivered more than {max} times (Redis:MaxDeliver) without being settled; its consumers kept stopping on it"),
+                        &group,
                     );
-                    event.0.insert("deadletterworker".into(), group.clone().into());
                     let body = serde_json::to_vec(&event.0).unwrap_or_default();
                     pipe.cmd("XADD").arg(&dead_key).arg("*").arg("e").arg(body).ignore();
                 }
@@ -776,9 +775,7 @@ mod tests {
         dying.unsubscribe(&["t".into()], "w1").await;
         let heir = bus(&r, "i2").await;
         let mut s2 = heir.subscribe(&["t".into()], "w1").await.unwrap();
-        let d = recv(&mut s2.receiver).await;
-        assert_eq!(d.event.0["data"], serde_json::json!(42));
-        d.ack(Ack::Done);
+        suite::take(&mut s2.receiver, 42, Ack::Done).await;
     }
 
     #[tokio::test(flavor = "multi_thread")]
@@ -839,9 +836,7 @@ mod tests {
         b.publish("t", e.clone()).await.unwrap();
         b.publish("t", e).await.unwrap();
         b.publish("t", suite::ev(2)).await.unwrap();
-        let first = recv(&mut s.receiver).await;
-        assert_eq!(first.event.0["data"], serde_json::json!(1));
-        first.ack(Ack::Done);
+        suite::take(&mut s.receiver, 1, Ack::Done).await;
         let second = recv(&mut s.receiver).await;
         assert_eq!(
             second.event.0["data"],
@@ -862,9 +857,7 @@ mod tests {
             .await
             .unwrap();
         for want in [1, 2, 3] {
-            let d = recv(&mut s.receiver).await;
-            assert_eq!(d.event.0["data"], serde_json::json!(want));
-            d.ack(Ack::Done);
+            suite::take(&mut s.receiver, want, Ack::Done).await;
         }
         // A later read: both ids are remembered.
         b.publish_many("t", vec![c, a, suite::ev(4)]).await.unwrap();
@@ -879,17 +872,13 @@ mod tests {
         let mut other = b.subscribe(&["t".into()], "w2").await.unwrap();
         let e = suite::ev(5);
         b.publish_many("t", vec![e.clone(), e]).await.unwrap();
-        let d = recv(&mut other.receiver).await;
-        assert_eq!(d.event.0["data"], serde_json::json!(5));
-        d.ack(Ack::Done);
+        suite::take(&mut other.receiver, 5, Ack::Done).await;
         assert!(
             tokio::time::timeout(Duration::from_secs(1), other.receiver.recv())
                 .await
                 .is_err(),
             "once"
         );
-        let d = recv(&mut s.receiver).await;
-        assert_eq!(d.event.0["data"], serde_json::json!(5));
-        d.ack(Ack::Done);
+        suite::take(&mut s.receiver, 5, Ack::Done).await;
     }
 }

@@ -1,5 +1,5 @@
-//! The message bus contract every backend implements (embedded today; Redis
-//! Streams, NATS JetStream and Dapr pub/sub later).
+//! The message bus contract every backend implements (embedded, Redis
+//! Streams, NATS JetStream, Dapr pub/sub).
 //!
 //! Two ways to read a topic:
 //! - a **consumer group** (`subscribe`): every message of the topic reaches
@@ -12,6 +12,12 @@ use async_trait::async_trait;
 use tokio::sync::{broadcast, mpsc};
 
 use crate::event::CloudEvent;
+
+/// Where the messages of `topic` go that a worker could not process, or that
+/// kept coming back unsettled.
+pub fn dead_letter_topic(topic: &str) -> String {
+    format!("{topic}-dead")
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {

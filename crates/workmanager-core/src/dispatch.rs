@@ -382,15 +382,10 @@ impl Manager {
         attempts: u32,
     ) {
         let mut dead = input.clone();
-        dead.0
-            .insert("deadletterreason".into(), Value::String(error.to_string()));
-        dead.0.insert(
-            "deadletterworker".into(),
-            Value::String(slot.id.to_string()),
-        );
+        dead.mark_dead_letter(error.to_string(), slot.id.as_str());
         dead.0
             .insert("deadletterattempts".into(), Value::from(attempts));
-        let dead_topic = format!("{topic}-dead");
+        let dead_topic = crate::bus::dead_letter_topic(topic);
         self.publish_or_warn(&dead_topic, dead, slot.id.as_str())
             .await;
         let ctx = RequestContext::system();

@@ -38,6 +38,13 @@ impl CloudEvent {
         }
     }
 
+    /// Marks the event for its dead-letter topic (`dead_letter_topic`):
+    /// why it landed there and which worker gave up on it.
+    pub fn mark_dead_letter(&mut self, reason: String, worker: &str) {
+        self.0.insert("deadletterreason".into(), reason.into());
+        self.0.insert("deadletterworker".into(), worker.into());
+    }
+
     pub fn get_str(&self, key: &str) -> Option<&str> {
         self.0.get(key).and_then(Value::as_str)
     }
