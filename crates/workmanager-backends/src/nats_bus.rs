@@ -403,7 +403,7 @@ async fn dead_letter(
         ),
         group,
     );
-    let payload = serde_json::to_vec(&event.0).map_err(unavailable)?;
+    let payload = event.to_json();
     js.publish(subject(&dead), payload.into())
         .await
         .map_err(unavailable)?
@@ -432,7 +432,7 @@ impl Bus for NatsBus {
         let subj = subject(topic);
         let mut acks = Vec::with_capacity(events.len());
         for e in events {
-            let payload = serde_json::to_vec(&e.0).map_err(unavailable)?;
+            let payload = e.to_json();
             acks.push(
                 self.js
                     .publish(subj.clone(), payload.into())

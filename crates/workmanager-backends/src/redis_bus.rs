@@ -108,11 +108,6 @@ impl RedisBus {
             readers: Readers::default(),
         })
     }
-
-    fn encode(event: &CloudEvent) -> Result<Vec<u8>, BusError> {
-        serde_json::to_vec(&event.0)
-            .map_err(|e| BusError::Unavailable(format!("event not serialisable: {e}")))
-    }
 }
 
 fn decode(raw: &redis::Value) -> Option<CloudEvent> {
@@ -375,7 +370,7 @@ impl Reader {
                         format!("delivered more than {max} times (Redis:MaxDeliver) without being settled; its consumers kept stopping on it"),
                         &group,
                     );
-                    let body = serde_json::to_vec(&event.0).unwrap_or_default();
+                    let body = event.to_json();
                     pipe.cmd("XADD").arg(&dead_key).arg("*").arg("e").arg(body).ignore();
                 }
                 pipe.cmd("XACK").arg(&stream).arg(&group).arg(&ids).ignore();
@@ -564,7 +559,7 @@ impl Bus for RedisBus {
                 .arg(self.settings.stream_max_len)
                 .arg("*")
                 .arg("e")
-                .arg(Self::encode(e)?)
+                .arg(e.to_json())
                 .ignore();
         }
         self.conn

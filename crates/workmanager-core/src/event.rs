@@ -45,6 +45,18 @@ impl CloudEvent {
         self.0.insert("deadletterworker".into(), worker.into());
     }
 
+    /// Appends the event's compact JSON to `out` (as `serde_json` writes it).
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        crate::json::write_object(out, &self.0);
+    }
+
+    /// The event's compact JSON (as `serde_json` writes it).
+    pub fn to_json(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(256);
+        self.write_json(&mut out);
+        out
+    }
+
     pub fn get_str(&self, key: &str) -> Option<&str> {
         self.0.get(key).and_then(Value::as_str)
     }

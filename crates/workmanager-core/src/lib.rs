@@ -12,6 +12,7 @@ pub mod engine;
 pub mod error;
 pub mod event;
 pub mod fetch;
+pub mod json;
 pub mod manager;
 pub mod metrics;
 pub mod model;

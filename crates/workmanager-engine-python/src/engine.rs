@@ -417,11 +417,8 @@ impl Shared {
         self.ensure_child(&mut slot).await?;
         let id = slot.child.as_mut().map(|c| c.next_id()).unwrap_or_default();
         let mut line = std::mem::take(&mut slot.line);
-        let written = write_process_line(&mut line, id, event);
-        let sent = match written {
-            Ok(()) => self.send(&mut slot, &line).await,
-            Err(e) => Err(EngineError::Internal(e.to_string())),
-        };
+        write_process_line(&mut line, id, event);
+        let sent = self.send(&mut slot, &line).await;
         slot.keep_line(line);
         sent?;
         self.answer(&mut slot, id).await
@@ -443,10 +440,8 @@ impl Shared {
         };
         let ids: Vec<u64> = events.iter().map(|_| child.next_id()).collect();
         let mut line = std::mem::take(&mut slot.line);
-        let sent = match write_batch_line(&mut line, &ids, events) {
-            Ok(()) => self.send(&mut slot, &line).await,
-            Err(e) => Err(EngineError::Internal(e.to_string())),
-        };
+        write_batch_line(&mut line, &ids, events);
+        let sent = self.send(&mut slot, &line).await;
         slot.keep_line(line);
         if let Err(e) = sent {
             return vec![Err(e)];
@@ -480,11 +475,7 @@ impl Shared {
 }
 
 /// `{"op":"batch","items":[{"id":N,"event":{...}},...]}\n`, into `line`.
-fn write_batch_line(
-    line: &mut Vec<u8>,
-    ids: &[u64],
-    events: &[&CloudEvent],
-) -> Result<(), serde_json::Error> {
+fn write_batch_line(line: &mut Vec<u8>, ids: &[u64], events: &[&CloudEvent]) {
     line.clear();
     line.extend_from_slice(b"{\"op\":\"batch\",\"items\":[");
     for (i, (id, event)) in ids.iter().zip(events).enumerate() {
@@ -494,27 +485,21 @@ fn write_batch_line(
         line.extend_from_slice(b"{\"id\":");
         line.extend_from_slice(id.to_string().as_bytes());
         line.extend_from_slice(b",\"event\":");
-        serde_json::to_writer(&mut *line, &event.0)?;
+        event.write_json(line);
         line.push(b'}');
     }
     line.extend_from_slice(b"]}\n");
-    Ok(())
 }
 
 /// `{"op":"process","id":N,"event":{...}}\n` into `line`, without an
 /// intermediate value.
-fn write_process_line(
-    line: &mut Vec<u8>,
-    id: u64,
-    event: &CloudEvent,
-) -> Result<(), serde_json::Error> {
+fn write_process_line(line: &mut Vec<u8>, id: u64, event: &CloudEvent) {
     line.clear();
     line.extend_from_slice(b"{\"op\":\"process\",\"id\":");
     line.extend_from_slice(id.to_string().as_bytes());
     line.extend_from_slice(b",\"event\":");
-    serde_json::to_writer(&mut *line, &event.0)?;
+    event.write_json(line);
     line.extend_from_slice(b"}\n");
-    Ok(())
 }
 
 /// The user-facing text of a load error: the traceback's last lines (which
