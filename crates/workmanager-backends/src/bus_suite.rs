@@ -41,6 +41,25 @@ pub(crate) async fn take(
     d.ack(outcome);
 }
 
+/// Takes the next delivery from a dead-letter subscription: event `want`,
+/// dead-lettered by `worker` for a reason naming `setting`; settles it.
+pub(crate) async fn take_dead_letter(
+    rx: &mut tokio::sync::mpsc::Receiver<workmanager_core::bus::Delivery>,
+    want: u64,
+    setting: &str,
+    worker: &str,
+) {
+    let d = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+        .await
+        .expect("a dead letter within 20 s")
+        .expect("the subscription is open");
+    assert_eq!(d.event.0["data"], json!(want));
+    let reason = d.event.get_str("deadletterreason").unwrap_or_default();
+    assert!(reason.contains(setting), "reason: {reason}");
+    assert_eq!(d.event.get_str("deadletterworker"), Some(worker));
+    d.ack(Ack::Done);
+}
+
 pub(crate) async fn each_group_gets_each_message_once_in_order(bus: &dyn Bus) {
     let mut a = bus.subscribe(&["orders".into()], "g-a").await.unwrap();
     let mut b = bus.subscribe(&["orders".into()], "g-b").await.unwrap();

@@ -505,8 +505,7 @@ impl DaprBus {
             urlencode(&self.intake.pubsub),
             urlencode(topic)
         );
-        let body = serde_json::to_vec(&event.0)
-            .map_err(|e| BusError::Unavailable(format!("event not serialisable: {e}")))?;
+        let body = event.to_json();
         let r = self
             .client
             .request(reqwest::Method::POST, &path)

@@ -720,15 +720,7 @@ mod tests {
         for _ in 0..2 {
             suite::take(&mut s.receiver, 7, Ack::Retry).await;
         }
-        let d = recv(&mut dead.receiver).await;
-        assert_eq!(d.event.0["data"], serde_json::json!(7));
-        assert!(d
-            .event
-            .get_str("deadletterreason")
-            .unwrap()
-            .contains("Nats:MaxDeliver"));
-        assert_eq!(d.event.get_str("deadletterworker"), Some("w1"));
-        d.ack(Ack::Done);
+        suite::take_dead_letter(&mut dead.receiver, 7, "Nats:MaxDeliver", "w1").await;
         b.publish("t", suite::ev(8)).await.unwrap();
         let d = recv(&mut s.receiver).await;
         assert_eq!(

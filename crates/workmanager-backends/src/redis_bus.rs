@@ -426,11 +426,7 @@ impl Reader {
         // Buckets by this instance's clock: a worker's group is read by one
         // instance at a time, and a clock skew under a window between the
         // old and the new owner still finds an id in one of the two buckets.
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        let bucket = now / window;
+        let bucket = workmanager_core::ownership::now_ms() / 1000 / window;
         let prefix = format!("workmanager:seen:{}", self.group);
         let (cur, prev) = (
             format!("{prefix}:{bucket}"),
@@ -798,14 +794,7 @@ mod tests {
         let b = RedisBus::connect(&r.url(), strict("i3")).await.unwrap();
         let mut dead = b.subscribe(&["t-dead".into()], "dlq").await.unwrap();
         let mut s = b.subscribe(&["t".into()], "w1").await.unwrap();
-        let d = recv(&mut dead.receiver).await;
-        assert_eq!(d.event.0["data"], serde_json::json!(7));
-        assert!(d
-            .event
-            .get_str("deadletterreason")
-            .unwrap()
-            .contains("Redis:MaxDeliver"));
-        d.ack(Ack::Done);
+        suite::take_dead_letter(&mut dead.receiver, 7, "Redis:MaxDeliver", "w1").await;
         assert!(
             tokio::time::timeout(Duration::from_secs(3), s.receiver.recv())
                 .await

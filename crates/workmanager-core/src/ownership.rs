@@ -81,7 +81,8 @@ pub(crate) enum Claim<'a> {
     From(&'a str),
 }
 
-pub(crate) fn now_ms() -> u64 {
+/// Milliseconds since the Unix epoch by this machine's clock.
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
