@@ -123,12 +123,7 @@ impl Service {
 
     /// GET on the HTTP port; the body as JSON.
     pub async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> T {
-        reqwest::get(self.url(path))
-            .await
-            .expect("GET")
-            .json()
-            .await
-            .expect("a JSON body")
+        serde_json::from_str(&self.get_text(path).await).expect("a JSON body")
     }
 
     pub async fn wait_ready(&self) {
