@@ -5,12 +5,21 @@
 //! allocator spent about a fifth of the service's CPU there (BENCHMARKS.md,
 //! issue 4).
 //!
-//! Two settings, each measured with `workmanager bench --soak-messages 1000000`:
+//! Two settings, each measured with `workmanager bench --soak-messages 1000000`
+//! and `workmanager bench --buses-only` (BENCHMARKS.md):
 //! - built without transparent huge pages (`no_thp`): with them the idle
 //!   service's RSS was 30 MB instead of 14 MB;
-//! - freed pages go back to the OS at once (purge delay 0) instead of after
-//!   a second: with the default delay RSS swung ±11% in a soak, with 0 it
-//!   stays flat and lowest.
+//! - freed pages go back to the OS after 100 ms (`PURGE_DELAY_MS`), not at
+//!   once and not after mimalloc's default second. Purging at once made
+//!   every burst fault its pages in again: on the Redis Streams bus, whose
+//!   reads allocate a few hundred KB per batch, `madvise` and page faults
+//!   were a fifth of the service's CPU (26–30 µs per message against
+//!   18–23 µs with a delay). A soak's RSS stays as flat with 100 ms as with
+//!   0 (+4.5–5.7% max over min), where the default second let it swing
+//!   ±11% in an earlier build.
+
+/// How long freed memory stays mapped before it goes back to the OS.
+const PURGE_DELAY_MS: std::ffi::c_long = 100;
 
 /// `mi_option_purge_delay` of `enum mi_option_e` in mimalloc.h (the same in
 /// mimalloc 2 and 3); the -sys crate does not export this one.
@@ -23,7 +32,7 @@ pub(crate) fn tune() {
         return;
     }
     // SAFETY: `mi_option_set` only stores an integer in mimalloc's option
-    // table; the option index is in range and 0 is a documented value
-    // ("0 for immediate purging").
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
+    // table; the option index is in range and the value is a delay in
+    // milliseconds, as the option documents.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS) };
 }
