@@ -176,6 +176,8 @@ struct Through {
     idle: f64,
     /// The broker's CPU per message (NaN: no broker, or not visible).
     broker_us_per_message: f64,
+    /// This benchmark process's own CPU per message (publishers, polling).
+    bench_us_per_message: f64,
     /// Service RSS (KiB) sampled every 500 ms during the run.
     rss: Vec<u64>,
 }
@@ -245,9 +247,11 @@ async fn through_service(
     } else {
         None
     };
+    let bodies = bodies(n, publishers)?;
     let cpu_before = cpu_seconds(b.pid).unwrap_or(0.0);
     let idle_before = machine_idle();
     let broker_before = broker.and_then(cpu_seconds);
+    let bench_before = cpu_seconds(std::process::id());
     let pid = b.pid;
     let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
     let sampler = tokio::spawn(async move {
@@ -264,7 +268,7 @@ async fn through_service(
         }
     });
     let started = Instant::now();
-    publish(b, topic, n, publishers).await?;
+    publish(b, topic, bodies).await?;
     let publishing = started.elapsed();
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
@@ -290,6 +294,10 @@ async fn through_service(
         (Some(a), Some(z)) => (z - a) * 1e6 / n as f64,
         _ => f64::NAN,
     };
+    let bench_us_per_message = match (bench_before, cpu_seconds(std::process::id())) {
+        (Some(a), Some(z)) => (z - a) * 1e6 / n as f64,
+        _ => f64::NAN,
+    };
     let idle = match (idle_before, machine_idle()) {
         (Some((i0, t0)), Some((i1, t1))) if t1 > t0 => (i1 - i0) as f64 / (t1 - t0) as f64,
         _ => f64::NAN,
@@ -308,42 +316,62 @@ async fn through_service(
         published_share: publishing.as_secs_f64() / elapsed.as_secs_f64(),
         idle,
         broker_us_per_message,
+        bench_us_per_message,
         cpu_us_per_message: cpu * 1e6 / n as f64,
         observed: observed.load(Ordering::Relaxed),
         rss,
     })
 }
 
-/// Publishes `n` events of ~1 KB to `topic` over HTTP, in CloudEvents
-/// batches of `BATCH` from `publishers` concurrent clients (each sends its
-/// next batch once the last one was accepted); a 503 (backpressure) is
-/// retried.
-async fn publish(b: &Bench, topic: &str, n: usize, publishers: usize) -> Result<()> {
+/// The request bodies for `n` events of ~1 KB: CloudEvents batches of
+/// `BATCH`, split among `publishers` concurrent clients. They are
+/// serialized before a run's clock starts, so that the load generator's own
+/// JSON work does not take the two cores from what is measured.
+fn bodies(n: usize, publishers: usize) -> Result<Vec<Vec<bytes::Bytes>>> {
+    let share = n.div_ceil(publishers.max(1)).max(1);
+    (0..n)
+        .step_by(share)
+        .map(|from| {
+            let to = (from + share).min(n);
+            (from..to)
+                .step_by(BATCH)
+                .map(|first| {
+                    let batch: Vec<Value> =
+                        (first..(first + BATCH).min(to)).map(bench_event).collect();
+                    Ok(bytes::Bytes::from(serde_json::to_vec(&batch)?))
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Posts each publisher's `bodies` to `topic` over HTTP, the publishers
+/// concurrently, each sending its next batch once the last one was
+/// accepted; a 503 (backpressure) is retried.
+async fn publish(b: &Bench, topic: &str, bodies: Vec<Vec<bytes::Bytes>>) -> Result<()> {
     let url = Arc::new(format!("http://127.0.0.1:{}/v1/topics/{topic}", b.http));
     let http = reqwest::Client::new();
-    let share = n.div_ceil(publishers.max(1));
     let mut tasks = tokio::task::JoinSet::new();
-    for from in (0..n).step_by(share.max(1)) {
+    for batches in bodies {
         let (url, http) = (url.clone(), http.clone());
-        let to = (from + share).min(n);
         tasks.spawn(async move {
-            let mut sent = from;
-            while sent < to {
-                let batch: Vec<Value> = (sent..(sent + BATCH).min(to)).map(bench_event).collect();
-                let r = http
-                    .post(url.as_str())
-                    .header("content-type", "application/cloudevents-batch+json")
-                    .json(&batch)
-                    .send()
-                    .await?;
-                if r.status() == 503 {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                    continue;
+            for body in batches {
+                loop {
+                    let r = http
+                        .post(url.as_str())
+                        .header("content-type", "application/cloudevents-batch+json")
+                        .body(body.clone())
+                        .send()
+                        .await?;
+                    if r.status() == 503 {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        continue;
+                    }
+                    if !r.status().is_success() {
+                        bail!("publish failed: {}", r.text().await.unwrap_or_default());
+                    }
+                    break;
                 }
-                if !r.status().is_success() {
-                    bail!("publish failed: {}", r.text().await.unwrap_or_default());
-                }
-                sent += batch.len();
             }
             Ok(())
         });
@@ -494,8 +522,8 @@ pub(crate) async fn compare_buses(
          publish was accepted, as a share of the run (about 98% when the worker set the pace \
          and the publisher waited on backpressure; 100% when the publisher set it).\n"
     );
-    println!("| round | worker | publishers | embedded bus | {label} | {label} / embedded | service CPU / message, embedded / {label} | last publish accepted at, embedded / {label} | machine idle, embedded / {label} | {label} server CPU / message |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("| round | worker | publishers | embedded bus | {label} | {label} / embedded | service CPU / message, embedded / {label} | last publish accepted at, embedded / {label} | machine idle, embedded / {label} | {label} server CPU / message | bench (publishers) CPU / message, embedded / {label} |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let scenarios = [
         ("no-op", NOOP_WORKER, 1),
         ("no-op", NOOP_WORKER, PUBLISHERS),
@@ -508,9 +536,10 @@ pub(crate) async fn compare_buses(
     for round in 1..=ROUNDS {
         // The publishing side alone (no worker on the topic).
         for publishers in [1, PUBLISHERS] {
-            let started = Instant::now();
             let topic = format!("cmp.{run}.publish-only.{round}.{publishers}");
-            publish(other, &topic, messages, publishers).await?;
+            let bodies = bodies(messages, publishers)?;
+            let started = Instant::now();
+            publish(other, &topic, bodies).await?;
             publish_only.push((
                 publishers,
                 messages as f64 / started.elapsed().as_secs_f64(),
@@ -535,7 +564,7 @@ pub(crate) async fn compare_buses(
             broker.drop_topic(&topic).await?;
             ratios[i].push(r.rate / e.rate);
             println!(
-                "| {round} | {name} | {publishers} | {:.0}/s | {:.0}/s | {:.0}% | {:.1} / {:.1} µs | {:.0}% / {:.0}% | {:.0}% / {:.0}% | {:.1} µs |",
+                "| {round} | {name} | {publishers} | {:.0}/s | {:.0}/s | {:.0}% | {:.1} / {:.1} µs | {:.0}% / {:.0}% | {:.0}% / {:.0}% | {:.1} µs | {:.1} / {:.1} µs |",
                 e.rate,
                 r.rate,
                 r.rate / e.rate * 100.0,
@@ -545,7 +574,9 @@ pub(crate) async fn compare_buses(
                 r.published_share * 100.0,
                 e.idle * 100.0,
                 r.idle * 100.0,
-                r.broker_us_per_message
+                r.broker_us_per_message,
+                e.bench_us_per_message,
+                r.bench_us_per_message
             );
         }
     }
