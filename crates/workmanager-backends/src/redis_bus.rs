@@ -30,17 +30,6 @@ use workmanager_core::CloudEvent;
 use crate::readers::{GroupHandle, Readers};
 use crate::redis_conn::Healing;
 
-/// The duplicate check of one read is one transaction of bulk set
-/// commands, whatever the read's size: event ids seen by a group live in
-/// sets per time bucket of the window; the read's ids are looked up in the
-/// previous and the current bucket (`SMISMEMBER`, Redis 6.2 / Valkey 7.2 or
-/// later) and added to the current one, which expires two windows after it
-/// was last written, so an id is remembered for one to two windows. Only
-/// first deliveries (`>` reads) are checked: a message taken over from a
-/// dead consumer is its own first carrier. Per message this costs the
-/// server ~1.4 µs, where the same sets written from a Lua script cost
-/// ~2.5 µs, a hash field per id from Lua ~6.5 µs and a key with its own
-/// expiry more (BENCHMARKS.md).
 /// Messages read per `XREADGROUP` (the dispatcher then pipelines them to
 /// the worker 64 at a time).
 const READ_COUNT: usize = 256;
@@ -463,6 +452,18 @@ impl Reader {
     /// For each entry, whether its event id was already delivered to the
     /// group within the window, by an earlier read or earlier in this one.
     /// Entries without an id are never duplicates.
+    ///
+    /// The duplicate check of one read is one transaction of bulk set
+    /// commands, whatever the read's size: event ids seen by a group live in
+    /// sets per time bucket of the window; the read's ids are looked up in the
+    /// previous and the current bucket (`SMISMEMBER`, Redis 6.2 / Valkey 7.2 or
+    /// later) and added to the current one, which expires two windows after it
+    /// was last written, so an id is remembered for one to two windows. Only
+    /// first deliveries (`>` reads) are checked: a message taken over from a
+    /// dead consumer is its own first carrier. Per message this costs the
+    /// server ~1.4 µs, where the same sets written from a Lua script cost
+    /// ~2.5 µs, a hash field per id from Lua ~6.5 µs and a key with its own
+    /// expiry more (BENCHMARKS.md).
     async fn duplicates(&mut self, entries: &[Entry], window: u64) -> Vec<bool> {
         let mut out = vec![false; entries.len()];
         let mut in_read = std::collections::HashSet::with_capacity(entries.len());
