@@ -60,6 +60,33 @@ pub(crate) async fn take_dead_letter(
     d.ack(Ack::Done);
 }
 
+/// For the buses with a duplicate check (Redis Streams, NATS JetStream): an
+/// event published again — a publisher's retry, an output published again
+/// after a crash — is delivered once; another producer's event that shares
+/// its id is another event (CloudEvents: source + id), and is delivered.
+pub(crate) async fn a_repeat_is_delivered_once_and_another_sources_event_is_kept(bus: &dyn Bus) {
+    let mut s = bus.subscribe(&["t".into()], "w1").await.unwrap();
+    let first = ev(1);
+    let mut same_id_elsewhere = first.clone();
+    same_id_elsewhere
+        .0
+        .insert("source".into(), json!("another-producer"));
+    same_id_elsewhere.0.insert("data".into(), json!(2));
+    bus.publish("t", first.clone()).await.unwrap();
+    bus.publish("t", first).await.unwrap();
+    bus.publish("t", same_id_elsewhere).await.unwrap();
+    bus.publish("t", ev(3)).await.unwrap();
+    for want in [1, 2, 3] {
+        take(&mut s.receiver, want, Ack::Done).await;
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), s.receiver.recv())
+            .await
+            .is_err(),
+        "nothing more"
+    );
+}
+
 pub(crate) async fn each_group_gets_each_message_once_in_order(bus: &dyn Bus) {
     let mut a = bus.subscribe(&["orders".into()], "g-a").await.unwrap();
     let mut b = bus.subscribe(&["orders".into()], "g-b").await.unwrap();

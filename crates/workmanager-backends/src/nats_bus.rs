@@ -29,6 +29,11 @@ pub struct NatsBusSettings {
     pub max_deliver: i64,
     /// Local queue per group.
     pub capacity: usize,
+    /// `Nats:DedupWindowSeconds`: a repeat of an event (source and id)
+    /// published to a topic within this long is stored once — JetStream's
+    /// `Nats-Msg-Id` de-duplication, the stream's `duplicate_window`. Zero:
+    /// off.
+    pub dedup_window: Duration,
 }
 
 /// How to reach and authenticate to the server.
@@ -141,7 +146,7 @@ impl NatsBus {
         if let Some(s) = streams.get(topic) {
             return Ok(s.clone());
         }
-        let s = ensure_stream(&self.js, topic, self.settings.stream_max_messages).await?;
+        let s = ensure_stream(&self.js, topic, &self.settings).await?;
         streams.insert(topic.to_string(), s.clone());
         Ok(s)
     }
@@ -326,20 +331,38 @@ async fn keep_held_alive(
 /// How soon a message handed back for a retry is delivered again, at first.
 const RETRY_DELAY: Duration = Duration::from_secs(1);
 
-/// The topic's stream, created if missing.
+/// The topic's stream, created if missing. A stream whose duplicate window
+/// is not `Nats:DedupWindowSeconds` (made by an older version, or before
+/// the setting changed) is updated to it.
 async fn ensure_stream(
     js: &jetstream::Context,
     topic: &str,
-    max_messages: i64,
+    settings: &NatsBusSettings,
 ) -> Result<stream::Stream, BusError> {
-    js.get_or_create_stream(stream::Config {
+    let mut config = stream::Config {
         name: safe_name("wm_", topic),
         subjects: vec![subject(topic)],
-        max_messages,
+        max_messages: settings.stream_max_messages,
         ..Default::default()
-    })
-    .await
-    .map_err(unavailable)
+    };
+    if !settings.dedup_window.is_zero() {
+        config.duplicate_window = settings.dedup_window;
+    }
+    let mut s = js.get_or_create_stream(config).await.map_err(unavailable)?;
+    let current = s.cached_info().config.clone();
+    if !settings.dedup_window.is_zero() && current.duplicate_window != settings.dedup_window {
+        js.update_stream(stream::Config {
+            duplicate_window: settings.dedup_window,
+            ..current
+        })
+        .await
+        .map_err(unavailable)?;
+        s = js
+            .get_stream(safe_name("wm_", topic))
+            .await
+            .map_err(unavailable)?;
+    }
+    Ok(s)
 }
 
 /// The group's durable consumer on `stream`. A consumer made by an older
@@ -395,7 +418,7 @@ async fn dead_letter(
     mut event: CloudEvent,
 ) -> Result<(), BusError> {
     let dead = dead_letter_topic(topic);
-    ensure_stream(js, &dead, settings.stream_max_messages).await?;
+    ensure_stream(js, &dead, settings).await?;
     event.mark_dead_letter(
         format!(
             "delivered more than {} times (Nats:MaxDeliver) without being settled",
@@ -431,11 +454,15 @@ impl Bus for NatsBus {
         self.stream(topic).await?;
         let subj = subject(topic);
         let mut acks = Vec::with_capacity(events.len());
+        let dedup = !self.settings.dedup_window.is_zero();
         for e in events {
-            let payload = e.to_json();
+            let mut publish = jetstream::context::Publish::build().payload(e.to_json().into());
+            if let Some(key) = e.dedup_key().filter(|_| dedup) {
+                publish = publish.message_id(key);
+            }
             acks.push(
                 self.js
-                    .publish(subj.clone(), payload.into())
+                    .send_publish(subj.clone(), publish)
                     .await
                     .map_err(unavailable)?,
             );
@@ -593,6 +620,7 @@ mod tests {
             ack_wait: Duration::from_secs(1),
             max_deliver: 5,
             capacity: 1024,
+            dedup_window: Duration::from_secs(60),
         }
     }
 
@@ -625,6 +653,12 @@ mod tests {
     async fn unsubscribe_ends_the_subscription() {
         let n = NatsServer::start();
         suite::unsubscribe_ends_the_subscription(&bus(&n).await).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_repeat_is_delivered_once_and_another_sources_event_is_kept() {
+        let n = NatsServer::start();
+        suite::a_repeat_is_delivered_once_and_another_sources_event_is_kept(&bus(&n).await).await;
     }
 
     #[tokio::test(flavor = "multi_thread")]
@@ -729,6 +763,23 @@ mod tests {
             "not delivered a third time"
         );
         d.ack(Ack::Done);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_stream_made_without_the_dedup_window_is_given_it() {
+        let n = NatsServer::start();
+        let b = bus(&n).await;
+        // What an older version made: the server's default window.
+        b.js.create_stream(stream::Config {
+            name: safe_name("wm_", "t"),
+            subjects: vec![subject("t")],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let mut s = b.stream("t").await.unwrap();
+        let info = s.info().await.unwrap();
+        assert_eq!(info.config.duplicate_window, Duration::from_secs(60));
     }
 
     #[tokio::test(flavor = "multi_thread")]

@@ -10,7 +10,7 @@
 //!   message over, and `XACK`s it once the dispatcher settled it (processed
 //!   or dead-lettered). Messages left pending — their consumer died — are
 //!   taken over with `XAUTOCLAIM` after `Redis:VisibilityTimeoutSeconds`.
-//! - Duplicates: an event id already seen by the group within
+//! - Duplicates: an event (source and id) already seen by the group within
 //!   `Redis:DedupWindowSeconds` is acknowledged and skipped (one transaction per
 //!   read, sets per time bucket), so an event published twice — a
 //!   publisher's retry, or an output published again after a crash (its id
@@ -449,12 +449,13 @@ impl Reader {
         self.hand_over(entries, duplicates).await
     }
 
-    /// For each entry, whether its event id was already delivered to the
-    /// group within the window, by an earlier read or earlier in this one.
-    /// Entries without an id are never duplicates.
+    /// For each entry, whether its event (`CloudEvent::dedup_key`: source
+    /// and id) was already delivered to the group within the window, by an
+    /// earlier read or earlier in this one. Entries without an id are never
+    /// duplicates.
     ///
     /// The duplicate check of one read is one transaction of bulk set
-    /// commands, whatever the read's size: event ids seen by a group live in
+    /// commands, whatever the read's size: the keys of events seen by a group live in
     /// sets per time bucket of the window; the read's ids are looked up in the
     /// previous and the current bucket (`SMISMEMBER`, Redis 6.2 / Valkey 7.2 or
     /// later) and added to the current one, which expires two windows after it
@@ -466,16 +467,17 @@ impl Reader {
     /// expiry more (BENCHMARKS.md).
     async fn duplicates(&mut self, entries: &[Entry], window: u64) -> Vec<bool> {
         let mut out = vec![false; entries.len()];
+        let keys: Vec<Option<String>> = entries
+            .iter()
+            .map(|e| e.event.as_ref().and_then(CloudEvent::dedup_key))
+            .collect();
         let mut in_read = std::collections::HashSet::with_capacity(entries.len());
-        // (index in `entries`, event id) of the first carrier of each id in this read.
+        // (index in `entries`, key) of the first carrier of each event in this read.
         let mut checked = Vec::with_capacity(entries.len());
-        for (i, e) in entries.iter().enumerate() {
-            let Some(eid) = e.event.as_ref().and_then(|ev| ev.get_str("id")) else {
+        for (i, key) in keys.iter().enumerate() {
+            let Some(eid) = key.as_deref() else {
                 continue;
             };
-            if eid.is_empty() {
-                continue;
-            }
             if in_read.insert(eid) {
                 checked.push((i, eid));
             } else {
@@ -795,6 +797,13 @@ mod tests {
     async fn unsubscribe_ends_the_subscription() {
         let r = RedisServer::start();
         suite::unsubscribe_ends_the_subscription(&bus(&r, "i1").await).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_repeat_is_delivered_once_and_another_sources_event_is_kept() {
+        let r = RedisServer::start();
+        suite::a_repeat_is_delivered_once_and_another_sources_event_is_kept(&bus(&r, "i1").await)
+            .await;
     }
 
     #[tokio::test(flavor = "multi_thread")]

@@ -12,6 +12,9 @@ pub const UNKNOWN_SOURCE: &str = "urn:com.virtufin.workmanager:unknown";
 /// Namespace of the name-based (v5) UUIDs given to outputs without an id.
 const OUTPUT_ID_NAMESPACE: uuid::Uuid =
     uuid::Uuid::from_u128(0x5b0e_6a1c_93d4_4f2e_b7a8_0c61_d2e9_f374);
+/// Namespace of the keys the buses drop duplicates by.
+const DEDUP_KEY_NAMESPACE: uuid::Uuid =
+    uuid::Uuid::from_u128(0x2f7c_41d8_0b6e_4a93_8e15_c4a0_79d2_b65e);
 
 /// A CloudEvent in JSON structured form.
 #[derive(Debug, Clone, PartialEq)]
@@ -43,6 +46,23 @@ impl CloudEvent {
     pub fn mark_dead_letter(&mut self, reason: String, worker: &str) {
         self.0.insert("deadletterreason".into(), reason.into());
         self.0.insert("deadletterworker".into(), worker.into());
+    }
+
+    /// What the networked buses recognise a repeat of this event by: its
+    /// identity — CloudEvents makes `source` + `id` unique per event, so two
+    /// producers' events that share an id are both kept — and, for a dead
+    /// letter, the worker that gave up on it (each worker's dead letter of
+    /// one event is its own message). A name-based UUID: fixed length, and
+    /// safe as a NATS header value whatever the attributes hold. `None`
+    /// without an id.
+    pub fn dedup_key(&self) -> Option<String> {
+        let id = self.get_str("id").filter(|id| !id.is_empty())?;
+        let name = format!(
+            "{}\n{id}\n{}",
+            self.get_str("source").unwrap_or(""),
+            self.get_str("deadletterworker").unwrap_or("")
+        );
+        Some(uuid::Uuid::new_v5(&DEDUP_KEY_NAMESPACE, name.as_bytes()).to_string())
     }
 
     /// Appends the event's compact JSON to `out` (as `serde_json` writes it).
@@ -118,6 +138,33 @@ mod tests {
 
     fn ev(v: Value) -> CloudEvent {
         CloudEvent::from_input(v)
+    }
+
+    #[test]
+    fn repeats_share_a_dedup_key_and_distinct_events_do_not() {
+        let e = |source: &str, id: &str| {
+            ev(json!({"specversion": "1.0", "id": id, "source": source, "type": "t"}))
+        };
+        let key = |e: &CloudEvent| e.dedup_key().expect("a key");
+        assert_eq!(key(&e("urn:a", "1")), key(&e("urn:a", "1")));
+        // Another producer's event with the same id is another event.
+        assert_ne!(key(&e("urn:a", "1")), key(&e("urn:b", "1")));
+        assert_ne!(key(&e("urn:a", "1")), key(&e("urn:a", "2")));
+        // Each worker's dead letter of one event is its own message.
+        let dead = |worker: &str| {
+            let mut d = e("urn:a", "1");
+            d.mark_dead_letter("failed".into(), worker);
+            key(&d)
+        };
+        assert_ne!(dead("w1"), dead("w2"));
+        assert_eq!(dead("w1"), dead("w1"));
+        assert_ne!(dead("w1"), key(&e("urn:a", "1")));
+        // Safe as a header value, whatever the attributes hold.
+        let odd = key(&e("urn:a\r\n", "x\ny"));
+        assert!(odd.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'));
+        let mut no_id = e("urn:a", "1");
+        no_id.0.insert("id".into(), "".into());
+        assert_eq!(no_id.dedup_key(), None);
     }
 
     #[test]

@@ -159,14 +159,18 @@ pub struct Settings {
     pub nats_max_deliver: i64,
     /// `Nats:StreamMaxMessages`: messages kept per topic stream.
     pub nats_stream_max_messages: i64,
+    /// `Nats:DedupWindowSeconds`: a repeat of an event (source and id)
+    /// published to a topic within this long is stored once (0: off).
+    pub nats_dedup_window: Duration,
     /// `Redis:StreamMaxLen`: approximate length a topic stream is trimmed to.
     pub redis_stream_max_len: usize,
     /// `Redis:VisibilityTimeoutSeconds`: unacknowledged messages idle this
     /// long are taken over by a live consumer of the group.
     pub redis_visibility_timeout: Duration,
-    /// `Redis:DedupWindowSeconds`: how long an event id is remembered per
-    /// worker to drop duplicates (0: off). Each id is a key in Redis for
-    /// that long: at 10,000 messages/s a 60 s window holds ~600,000 keys.
+    /// `Redis:DedupWindowSeconds`: how long an event (source and id) is
+    /// remembered per worker to drop duplicates (0: off). Each is a 36-byte
+    /// set member for one to two windows: at 10,000 messages/s a 60 s window
+    /// holds up to ~1,200,000 of them.
     pub redis_dedup_window: Duration,
     /// `Redis:MaxDeliver`: deliveries of a message its consumers never
     /// settled before it goes to `{topic}-dead` (0: no bound).
@@ -986,6 +990,7 @@ pub fn settings(layers: &Layers) -> Result<Settings, Vec<String>> {
     let nats_max_deliver = r.int("Nats:MaxDeliver", 10, 1, 1000) as i64;
     let nats_stream_max_messages =
         r.int("Nats:StreamMaxMessages", 1_000_000, 1000, 1_000_000_000) as i64;
+    let nats_dedup_window = Duration::from_secs(r.int("Nats:DedupWindowSeconds", 600, 0, 604_800));
     let redis_stream_max_len = r.int("Redis:StreamMaxLen", 1_000_000, 1000, 1_000_000_000) as usize;
     let redis_visibility_timeout =
         Duration::from_secs(r.int("Redis:VisibilityTimeoutSeconds", 60, 1, 86_400));
@@ -1111,6 +1116,7 @@ pub fn settings(layers: &Layers) -> Result<Settings, Vec<String>> {
             nats_ack_wait,
             nats_max_deliver,
             nats_stream_max_messages,
+            nats_dedup_window,
             redis_stream_max_len,
             redis_visibility_timeout,
             redis_dedup_window,

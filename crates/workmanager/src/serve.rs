@@ -216,6 +216,7 @@ pub async fn run(settings: Settings, port_file: Option<PathBuf>) -> Result<()> {
                     ack_wait: settings.nats_ack_wait,
                     max_deliver: settings.nats_max_deliver,
                     capacity: settings.queue_capacity,
+                    dedup_window: settings.nats_dedup_window,
                 },
             )
             .await

@@ -120,6 +120,7 @@ async fn events_flow_through_nats_jetstream_and_wait_for_a_stopped_service() {
             ack_wait: std::time::Duration::from_secs(60),
             max_deliver: 5,
             capacity: 16,
+            dedup_window: std::time::Duration::from_secs(60),
         },
     )
     .await
