@@ -901,6 +901,61 @@ mod tests {
         suite::consumers_and_observers_resume_after_a_restart(&b, || r.restart()).await;
     }
 
+    /// While Redis is down, publishes wait in the resilience layer's buffer;
+    /// one that does not fit is refused whole (its publisher keeps it, told
+    /// to retry), and everything accepted arrives, in order, once Redis is
+    /// back.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn publishes_wait_for_redis_in_a_bounded_buffer_that_refuses_what_does_not_fit() {
+        use workmanager_core::bus::BusError;
+        use workmanager_core::resilience::{ResilienceSettings, ResilientBus, BUFFER_CAPACITY};
+        let mut r = RedisServer::start();
+        let refused = prometheus_client::metrics::counter::Counter::default();
+        let b = ResilientBus::new(
+            Arc::new(bus(&r, "i1").await),
+            ResilienceSettings {
+                retry_attempts: 0,
+                retry_base_delay: Duration::from_millis(10),
+                breaker_threshold: 1,
+                breaker_duration: Duration::from_secs(1),
+                call_timeout: Duration::from_secs(2),
+            },
+            refused.clone(),
+        );
+        let mut s = b.subscribe(&["t".into()], "w1").await.unwrap();
+        r.stop();
+        // The first failure opens the breaker: from then on publishes wait.
+        b.publish("t", suite::ev(0)).await.unwrap();
+        let rest = BUFFER_CAPACITY as u64 - 1;
+        b.publish_many("t", (1..=rest).map(suite::ev).collect())
+            .await
+            .unwrap();
+        assert_eq!(b.buffered(), BUFFER_CAPACITY);
+        let full = b
+            .publish_many("t", vec![suite::ev(9_998), suite::ev(9_999)])
+            .await;
+        assert!(
+            matches!(&full, Err(BusError::Backpressure(m)) if m.contains("retry later")),
+            "{full:?}"
+        );
+        assert_eq!(refused.get(), 2);
+        assert_eq!(
+            b.buffered(),
+            BUFFER_CAPACITY,
+            "nothing accepted was dropped"
+        );
+        r.start_again();
+        for want in 0..=rest {
+            suite::take(&mut s.receiver, want, Ack::Done).await;
+        }
+        assert!(
+            tokio::time::timeout(Duration::from_secs(1), s.receiver.recv())
+                .await
+                .is_err(),
+            "the refused publish was not sent"
+        );
+    }
+
     #[tokio::test(flavor = "multi_thread")]
     async fn the_same_event_id_published_twice_is_delivered_once() {
         let r = RedisServer::start();

@@ -94,8 +94,9 @@ pub struct Metrics {
     /// Circuit breaker per backend (statestore, pubsub): 0 closed, 1 open,
     /// 2 half-open; refreshed before rendering.
     pub circuit: Family<BackendLabels, Gauge>,
-    /// Buffered publishes dropped (oldest first) while the bus was down.
-    pub publish_buffer_dropped: Counter,
+    /// Publishes refused because the buffer that holds them while the bus
+    /// is down was full (the publisher was told to retry).
+    pub publish_buffer_refused: Counter,
 }
 
 impl Default for Metrics {
@@ -162,16 +163,16 @@ impl Metrics {
             "Circuit breaker per backend: 0 closed, 1 open, 2 half-open",
             circuit.clone(),
         );
-        let publish_buffer_dropped = Counter::default();
+        let publish_buffer_refused = Counter::default();
         registry.register(
-            "publish_buffer_dropped",
-            "Publishes dropped from the full buffer while the bus's circuit was open",
-            publish_buffer_dropped.clone(),
+            "publish_buffer_refused",
+            "Publishes refused (retry later) because the buffer was full while the bus's circuit was open",
+            publish_buffer_refused.clone(),
         );
         Self {
             registry,
             circuit,
-            publish_buffer_dropped,
+            publish_buffer_refused,
             messages,
             queue_depth,
             backpressure,

@@ -8,10 +8,12 @@
 //! Only "unavailable" failures count: a CAS conflict or backpressure is an
 //! answer, not an outage.
 //!
-//! While the bus's breaker is open, publishes are kept in a buffer (at most
-//! `BUFFER_CAPACITY`; beyond that the oldest are dropped and counted) and
-//! sent in order once it closes; the dispatcher hands inbound messages back
-//! for redelivery instead of processing them. Buffered publishes live in
+//! While the bus's breaker is open, publishes are kept in a buffer and sent
+//! in order once it closes; the dispatcher hands inbound messages back for
+//! redelivery instead of processing them. The buffer holds at most
+//! `BUFFER_CAPACITY` events: a publish that does not fit is refused whole
+//! (backpressure: HTTP 503, gRPC UNAVAILABLE), so the publisher keeps it and
+//! retries — nothing accepted is ever dropped. Buffered publishes live in
 //! memory: a crash of this instance while the broker is down loses them.
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -165,14 +167,15 @@ pub struct ResilientBus {
     buffer: Mutex<VecDeque<(String, CloudEvent)>>,
     /// Serialises flushes so buffered events go out once and in order.
     flushing: tokio::sync::Mutex<()>,
-    dropped: prometheus_client::metrics::counter::Counter,
+    /// Publishes refused because the buffer was full.
+    refused: prometheus_client::metrics::counter::Counter,
 }
 
 impl ResilientBus {
     pub fn new(
         inner: Arc<dyn Bus>,
         settings: ResilienceSettings,
-        dropped: prometheus_client::metrics::counter::Counter,
+        refused: prometheus_client::metrics::counter::Counter,
     ) -> Arc<Self> {
         let bus = Arc::new(Self {
             inner,
@@ -180,7 +183,7 @@ impl ResilientBus {
             settings,
             buffer: Mutex::new(VecDeque::new()),
             flushing: tokio::sync::Mutex::new(()),
-            dropped,
+            refused,
         });
         // Flushes the buffer once the breaker lets calls through again.
         let weak = Arc::downgrade(&bus);
@@ -209,15 +212,20 @@ impl ResilientBus {
         self.buffer.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
-    fn keep(&self, topic: &str, events: Vec<CloudEvent>) {
+    /// Buffers a publish whole, or refuses it whole when it does not fit.
+    fn keep(&self, topic: &str, events: Vec<CloudEvent>) -> Result<(), BusError> {
         let mut buffer = self.buffer.lock().unwrap_or_else(|p| p.into_inner());
-        for e in events {
-            if buffer.len() >= BUFFER_CAPACITY {
-                buffer.pop_front();
-                self.dropped.inc();
-            }
-            buffer.push_back((topic.to_string(), e));
+        if buffer.len() + events.len() > BUFFER_CAPACITY {
+            self.refused.inc_by(events.len() as u64);
+            return Err(BusError::Backpressure(format!(
+                "the {} bus is unavailable and {} publishes already wait for it \
+                 (at most {BUFFER_CAPACITY}); retry later",
+                self.inner.name(),
+                buffer.len()
+            )));
         }
+        buffer.extend(events.into_iter().map(|e| (topic.to_string(), e)));
+        Ok(())
     }
 
     /// Sends buffered events in order, one run of a topic per call. Stops
@@ -251,12 +259,11 @@ impl ResilientBus {
             self.breaker
                 .record(!matches!(result, Err(BusError::Unavailable(_))));
             result?;
-            let mut buffer = self.buffer.lock().unwrap_or_else(|p| p.into_inner());
-            // Only this flush removes from the front; `keep` may have
-            // dropped some of the run meanwhile (never more than it held).
-            for _ in 0..n.min(buffer.len()) {
-                buffer.pop_front();
-            }
+            // Only this flush removes, from the front; `keep` only appends.
+            self.buffer
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .drain(..n);
         }
     }
 }
@@ -278,15 +285,13 @@ impl Bus for ResilientBus {
         if self.buffered() > 0 {
             // Order: what waits goes first.
             if !self.breaker.allows() || self.flush().await.is_err() {
-                self.keep(topic, events);
-                return Ok(());
+                return self.keep(topic, events);
             }
         }
         let mut attempt = 0;
         loop {
             if !self.breaker.allows() {
-                self.keep(topic, events);
-                return Ok(());
+                return self.keep(topic, events);
             }
             // Borrowed: a failed attempt leaves the events to retry or buffer.
             let attempt_result = tokio::time::timeout(
@@ -300,8 +305,7 @@ impl Bus for ResilientBus {
                     self.breaker.record(false);
                     if attempt >= self.settings.retry_attempts {
                         if !self.breaker.allows() {
-                            self.keep(topic, events);
-                            return Ok(());
+                            return self.keep(topic, events);
                         }
                         return Err(BusError::Unavailable(e));
                     }

@@ -170,7 +170,7 @@ pub async fn run(settings: Settings, port_file: Option<PathBuf>) -> Result<()> {
             ResilientBus::new(
                 Arc::new(b),
                 resilience.clone(),
-                metrics.publish_buffer_dropped.clone(),
+                metrics.publish_buffer_refused.clone(),
             )
         }
         BusKind::Embedded => Arc::new(EmbeddedBus::new(
@@ -196,7 +196,7 @@ pub async fn run(settings: Settings, port_file: Option<PathBuf>) -> Result<()> {
             ResilientBus::new(
                 Arc::new(b),
                 resilience.clone(),
-                metrics.publish_buffer_dropped.clone(),
+                metrics.publish_buffer_refused.clone(),
             )
         }
         BusKind::Nats => {
@@ -228,7 +228,7 @@ pub async fn run(settings: Settings, port_file: Option<PathBuf>) -> Result<()> {
                 call_timeout: std::time::Duration::from_secs(5),
                 ..resilience.clone()
             };
-            ResilientBus::new(Arc::new(b), nats, metrics.publish_buffer_dropped.clone())
+            ResilientBus::new(Arc::new(b), nats, metrics.publish_buffer_refused.clone())
         }
     };
     let http = bind(&settings, settings.http_port, "HttpPort").await?;
