@@ -105,12 +105,19 @@ fn decode(json: &[u8]) -> Option<CloudEvent> {
 /// crate's reply structs, which copy every entry into a map of its own
 /// (a twentieth of the service's CPU on the read path).
 ///
-/// `(key, value)` pairs of a RESP2 flat array or a RESP3 map.
-fn pairs(v: &redis::Value) -> Vec<(&redis::Value, &redis::Value)> {
-    match v {
-        redis::Value::Map(m) => m.iter().map(|(k, v)| (k, v)).collect(),
-        redis::Value::Array(a) => a.chunks_exact(2).map(|c| (&c[0], &c[1])).collect(),
-        _ => Vec::new(),
+/// The value of field `name` among an entry's fields: a RESP2 flat array
+/// `[field, value, ...]` or a RESP3 map.
+fn field<'a>(fields: &'a redis::Value, name: &[u8]) -> Option<&'a [u8]> {
+    match fields {
+        redis::Value::Map(m) => m
+            .iter()
+            .find(|(f, _)| bytes(f) == Some(name))
+            .and_then(|(_, v)| bytes(v)),
+        redis::Value::Array(a) => a
+            .chunks_exact(2)
+            .find(|c| bytes(&c[0]) == Some(name))
+            .and_then(|c| bytes(&c[1])),
+        _ => None,
     }
 }
 
@@ -152,13 +159,10 @@ fn stream_entry(v: &redis::Value) -> Option<(String, Option<CloudEvent>)> {
         return None;
     };
     let id = String::from_utf8(bytes(parts.first()?)?.to_vec()).ok()?;
-    let event = parts.get(1).and_then(|fields| {
-        pairs(fields)
-            .into_iter()
-            .find(|(f, _)| bytes(f) == Some(b"e"))
-            .and_then(|(_, e)| bytes(e))
-            .and_then(decode)
-    });
+    let event = parts
+        .get(1)
+        .and_then(|fields| field(fields, b"e"))
+        .and_then(decode);
     Some((id, event))
 }
 
@@ -282,6 +286,8 @@ impl Reader {
                             }
                         }));
                     }
+                    // The raw reply (a few hundred KB) is not kept across
+                    // the hand-over's waits.
                     drop(r);
                     if !self.deliver(entries, true).await {
                         return;
