@@ -57,9 +57,13 @@ impl CloudEvent {
     /// without an id.
     pub fn dedup_key(&self) -> Option<String> {
         let id = self.get_str("id").filter(|id| !id.is_empty())?;
+        let source = self.get_str("source").unwrap_or("");
+        // Lengths first: no choice of attributes makes two events' names
+        // run together into one.
         let name = format!(
-            "{}\n{id}\n{}",
-            self.get_str("source").unwrap_or(""),
+            "{}:{source}{}:{id}{}",
+            source.len(),
+            id.len(),
             self.get_str("deadletterworker").unwrap_or("")
         );
         Some(uuid::Uuid::new_v5(&DEDUP_KEY_NAMESPACE, name.as_bytes()).to_string())
@@ -150,6 +154,8 @@ mod tests {
         // Another producer's event with the same id is another event.
         assert_ne!(key(&e("urn:a", "1")), key(&e("urn:b", "1")));
         assert_ne!(key(&e("urn:a", "1")), key(&e("urn:a", "2")));
+        // Attributes never run together into another event's.
+        assert_ne!(key(&e("urn:a\n1", "2")), key(&e("urn:a", "1\n2")));
         // Each worker's dead letter of one event is its own message.
         let dead = |worker: &str| {
             let mut d = e("urn:a", "1");

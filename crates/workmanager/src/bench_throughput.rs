@@ -293,14 +293,13 @@ async fn through_service(
     }
     let elapsed = started.elapsed();
     let cpu = cpu_seconds(b.pid).unwrap_or(0.0) - cpu_before;
-    let broker_us_per_message = match (broker_before, broker.and_then(cpu_seconds)) {
+    // CPU seconds before and after → µs per message (NaN: not visible).
+    let per_message = |before: Option<f64>, after: Option<f64>| match (before, after) {
         (Some(a), Some(z)) => (z - a) * 1e6 / n as f64,
         _ => f64::NAN,
     };
-    let bench_us_per_message = match (bench_before, cpu_seconds(std::process::id())) {
-        (Some(a), Some(z)) => (z - a) * 1e6 / n as f64,
-        _ => f64::NAN,
-    };
+    let broker_us_per_message = per_message(broker_before, broker.and_then(cpu_seconds));
+    let bench_us_per_message = per_message(bench_before, cpu_seconds(std::process::id()));
     let idle = match (idle_before, machine_idle()) {
         (Some((i0, t0)), Some((i1, t1))) if t1 > t0 => (i1 - i0) as f64 / (t1 - t0) as f64,
         _ => f64::NAN,
