@@ -260,10 +260,9 @@ impl ResilientBus {
                 .record(!matches!(result, Err(BusError::Unavailable(_))));
             result?;
             // Only this flush removes, from the front; `keep` only appends.
-            self.buffer
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .drain(..n);
+            let mut buffer = self.buffer.lock().unwrap_or_else(|p| p.into_inner());
+            let sent = n.min(buffer.len());
+            buffer.drain(..sent);
         }
     }
 }
