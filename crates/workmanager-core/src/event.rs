@@ -12,6 +12,8 @@ pub const UNKNOWN_SOURCE: &str = "urn:com.virtufin.workmanager:unknown";
 /// Namespace of the name-based (v5) UUIDs given to outputs without an id.
 const OUTPUT_ID_NAMESPACE: uuid::Uuid =
     uuid::Uuid::from_u128(0x5b0e_6a1c_93d4_4f2e_b7a8_0c61_d2e9_f374);
+/// The longest identity that is its own dedup key (`CloudEvent::dedup_key`).
+const DEDUP_KEY_PLAIN_MAX: usize = 128;
 /// Namespace of the keys the buses drop duplicates by.
 const DEDUP_KEY_NAMESPACE: uuid::Uuid =
     uuid::Uuid::from_u128(0x2f7c_41d8_0b6e_4a93_8e15_c4a0_79d2_b65e);
@@ -52,9 +54,10 @@ impl CloudEvent {
     /// identity — CloudEvents makes `source` + `id` unique per event, so two
     /// producers' events that share an id are both kept — and, for a dead
     /// letter, the worker that gave up on it (each worker's dead letter of
-    /// one event is its own message). A name-based UUID: fixed length, and
-    /// safe as a NATS header value whatever the attributes hold. `None`
-    /// without an id.
+    /// one event is its own message). Short identities of visible ASCII are
+    /// their own key (no hashing on the message path); any other is a
+    /// name-based UUID, which has no `:` and so never equals a plain one.
+    /// Either is safe as a NATS header value. `None` without an id.
     pub fn dedup_key(&self) -> Option<String> {
         let id = self.get_str("id").filter(|id| !id.is_empty())?;
         let source = self.get_str("source").unwrap_or("");
@@ -66,6 +69,9 @@ impl CloudEvent {
             id.len(),
             self.get_str("deadletterworker").unwrap_or("")
         );
+        if name.len() <= DEDUP_KEY_PLAIN_MAX && name.bytes().all(|b| b.is_ascii_graphic()) {
+            return Some(name);
+        }
         Some(uuid::Uuid::new_v5(&DEDUP_KEY_NAMESPACE, name.as_bytes()).to_string())
     }
 
@@ -165,9 +171,14 @@ mod tests {
         assert_ne!(dead("w1"), dead("w2"));
         assert_eq!(dead("w1"), dead("w1"));
         assert_ne!(dead("w1"), key(&e("urn:a", "1")));
-        // Safe as a header value, whatever the attributes hold.
+        // Safe as a header value, whatever the attributes hold: hashed.
         let odd = key(&e("urn:a\r\n", "x\ny"));
         assert!(odd.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'));
+        let long = key(&e("urn:a", &"x".repeat(200)));
+        assert!(long.len() == 36 && !long.contains(':'), "{long}");
+        assert_ne!(long, key(&e("urn:a", &"x".repeat(201))));
+        // A plain key always has a ':', a hashed one never.
+        assert!(key(&e("urn:a", "1")).contains(':'));
         let mut no_id = e("urn:a", "1");
         no_id.0.insert("id".into(), "".into());
         assert_eq!(no_id.dedup_key(), None);
