@@ -245,13 +245,16 @@ struct Reader {
 
 impl Reader {
     async fn run(mut self) {
-        let mut last_claim = tokio::time::Instant::now();
+        // The first look comes at once: a reader that starts because its
+        // worker was taken over from a dead instance finds that instance's
+        // pending messages already past the visibility timeout.
+        let mut last_claim: Option<tokio::time::Instant> = None;
         loop {
             if *self.stop.borrow() {
                 return;
             }
-            if last_claim.elapsed() >= self.settings.visibility_timeout / 2 {
-                last_claim = tokio::time::Instant::now();
+            if last_claim.is_none_or(|t| t.elapsed() >= self.settings.visibility_timeout / 2) {
+                last_claim = Some(tokio::time::Instant::now());
                 if !self.reclaim().await {
                     return;
                 }
@@ -863,6 +866,33 @@ mod tests {
         let heir = bus(&r, "i2").await;
         let mut s2 = heir.subscribe(&["t".into()], "w1").await.unwrap();
         suite::take(&mut s2.receiver, 42, Ack::Done).await;
+    }
+
+    /// A reader that starts after its worker's old consumer died finds the
+    /// messages that consumer left, already idle past the visibility
+    /// timeout, at once rather than half a timeout later.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_new_reader_takes_over_messages_already_past_the_timeout_at_once() {
+        let r = RedisServer::start();
+        let slow = |consumer: &str| RedisBusSettings {
+            visibility_timeout: Duration::from_secs(8),
+            ..settings(consumer)
+        };
+        let dying = RedisBus::connect(&r.url(), slow("i1")).await.unwrap();
+        let mut s = dying.subscribe(&["t".into()], "w1").await.unwrap();
+        dying.publish("t", suite::ev(42)).await.unwrap();
+        std::mem::forget(recv(&mut s.receiver).await);
+        dying.unsubscribe(&["t".into()], "w1").await;
+        tokio::time::sleep(Duration::from_millis(8_500)).await;
+        let heir = RedisBus::connect(&r.url(), slow("i2")).await.unwrap();
+        let mut s2 = heir.subscribe(&["t".into()], "w1").await.unwrap();
+        // Half a timeout (4 s) is when the next look would come.
+        let d = tokio::time::timeout(Duration::from_secs(3), s2.receiver.recv())
+            .await
+            .expect("taken over at once")
+            .expect("open");
+        assert_eq!(d.event.0["data"], serde_json::json!(42));
+        d.ack(Ack::Done);
     }
 
     #[tokio::test(flavor = "multi_thread")]
