@@ -947,6 +947,8 @@ mod tests {
         use workmanager_core::resilience::{ResilienceSettings, ResilientBus, BUFFER_CAPACITY};
         let mut r = RedisServer::start();
         let refused = prometheus_client::metrics::counter::Counter::default();
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = crate::FileOutbox::open(&dir.path().join("outbox.redb")).unwrap();
         let b = ResilientBus::new(
             Arc::new(bus(&r, "i1").await),
             ResilienceSettings {
@@ -957,6 +959,7 @@ mod tests {
                 call_timeout: Duration::from_secs(2),
             },
             refused.clone(),
+            Arc::new(outbox),
         );
         let mut s = b.subscribe(&["t".into()], "w1").await.unwrap();
         r.stop();

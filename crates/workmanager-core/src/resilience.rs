@@ -13,9 +13,10 @@
 //! redelivery instead of processing them. The buffer holds at most
 //! `BUFFER_CAPACITY` events: a publish that does not fit is refused whole
 //! (backpressure: HTTP 503, gRPC UNAVAILABLE), so the publisher keeps it and
-//! retries — nothing accepted is ever dropped. Buffered publishes live in
-//! memory: a crash of this instance while the broker is down loses them.
-use std::collections::VecDeque;
+//! retries — nothing accepted is ever dropped. The buffer is an `Outbox`:
+//! the service keeps it in a local file (`Resilience:BufferPath`), written
+//! durably before a publish is accepted, so buffered publishes survive a
+//! crash of this instance and go out after its restart.
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,6 +29,22 @@ use crate::store::{StateStore, StoreError, Version, Versioned, WriteOp};
 
 /// Publishes kept while the bus's breaker is open.
 pub const BUFFER_CAPACITY: usize = 1000;
+
+/// Where publishes wait while the bus is down, oldest first.
+#[async_trait]
+pub trait Outbox: Send + Sync {
+    /// Appends a publish whole, durably before it returns, or not at all.
+    async fn push(&self, topic: &str, events: &[CloudEvent]) -> Result<(), String>;
+    /// Up to `max` of the oldest entries: (sequence, topic, event).
+    async fn front(&self, max: usize) -> Result<Vec<(u64, String, CloudEvent)>, String>;
+    /// Removes every entry up to and including sequence `last`.
+    async fn remove_through(&self, last: u64) -> Result<(), String>;
+    /// Entries waiting.
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct ResilienceSettings {
@@ -164,8 +181,9 @@ pub struct ResilientBus {
     inner: Arc<dyn Bus>,
     settings: ResilienceSettings,
     breaker: Breaker,
-    buffer: Mutex<VecDeque<(String, CloudEvent)>>,
-    /// Serialises flushes so buffered events go out once and in order.
+    buffer: Arc<dyn Outbox>,
+    /// Serialises buffering and flushing, so buffered events go out once
+    /// and in order, and the capacity check holds.
     flushing: tokio::sync::Mutex<()>,
     /// Publishes refused because the buffer was full.
     refused: prometheus_client::metrics::counter::Counter,
@@ -176,16 +194,18 @@ impl ResilientBus {
         inner: Arc<dyn Bus>,
         settings: ResilienceSettings,
         refused: prometheus_client::metrics::counter::Counter,
+        buffer: Arc<dyn Outbox>,
     ) -> Arc<Self> {
         let bus = Arc::new(Self {
             inner,
             breaker: Breaker::new(settings.breaker_threshold, settings.breaker_duration),
             settings,
-            buffer: Mutex::new(VecDeque::new()),
+            buffer,
             flushing: tokio::sync::Mutex::new(()),
             refused,
         });
-        // Flushes the buffer once the breaker lets calls through again.
+        // Flushes the buffer once the breaker lets calls through again
+        // (at start too: what a crashed run left waits in the outbox).
         let weak = Arc::downgrade(&bus);
         tokio::spawn(async move {
             loop {
@@ -209,23 +229,29 @@ impl ResilientBus {
 
     /// Publishes waiting in the buffer.
     pub fn buffered(&self) -> usize {
-        self.buffer.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.buffer.len()
     }
 
-    /// Buffers a publish whole, or refuses it whole when it does not fit.
-    fn keep(&self, topic: &str, events: Vec<CloudEvent>) -> Result<(), BusError> {
-        let mut buffer = self.buffer.lock().unwrap_or_else(|p| p.into_inner());
-        if buffer.len() + events.len() > BUFFER_CAPACITY {
+    /// Buffers a publish whole, or refuses it whole when it does not fit
+    /// (or the outbox cannot be written).
+    async fn keep(&self, topic: &str, events: Vec<CloudEvent>) -> Result<(), BusError> {
+        let _one = self.flushing.lock().await;
+        let waiting = self.buffer.len();
+        if waiting + events.len() > BUFFER_CAPACITY {
             self.refused.inc_by(events.len() as u64);
             return Err(BusError::Backpressure(format!(
-                "the {} bus is unavailable and {} publishes already wait for it \
+                "the {} bus is unavailable and {waiting} publishes already wait for it \
                  (at most {BUFFER_CAPACITY}); retry later",
                 self.inner.name(),
-                buffer.len()
             )));
         }
-        buffer.extend(events.into_iter().map(|e| (topic.to_string(), e)));
-        Ok(())
+        self.buffer.push(topic, &events).await.map_err(|e| {
+            self.refused.inc_by(events.len() as u64);
+            BusError::Unavailable(format!(
+                "the {} bus is unavailable and the publish could not be buffered: {e}",
+                self.inner.name()
+            ))
+        })
     }
 
     /// Sends buffered events in order, one run of a topic per call. Stops
@@ -233,22 +259,23 @@ impl ResilientBus {
     async fn flush(&self) -> Result<(), BusError> {
         let _one = self.flushing.lock().await;
         loop {
-            let run: Vec<(String, CloudEvent)> = {
-                let buffer = self.buffer.lock().unwrap_or_else(|p| p.into_inner());
-                let Some((topic, _)) = buffer.front() else {
-                    return Ok(());
-                };
-                buffer
-                    .iter()
-                    .take_while(|(t, _)| t == topic)
-                    .take(256)
-                    .cloned()
-                    .collect()
-            };
-            let Some(topic) = run.first().map(|(t, _)| t.clone()) else {
+            let front = self
+                .buffer
+                .front(256)
+                .await
+                .map_err(BusError::Unavailable)?;
+            let Some((_, topic, _)) = front.first() else {
                 return Ok(());
             };
-            let n = run.len();
+            let topic = topic.clone();
+            let run: Vec<(u64, CloudEvent)> = front
+                .into_iter()
+                .take_while(|(_, t, _)| *t == topic)
+                .map(|(seq, _, e)| (seq, e))
+                .collect();
+            let Some(last) = run.last().map(|(seq, _)| *seq) else {
+                return Ok(());
+            };
             let events = run.into_iter().map(|(_, e)| e).collect();
             let result = tokio::time::timeout(
                 self.settings.call_timeout,
@@ -259,10 +286,12 @@ impl ResilientBus {
             self.breaker
                 .record(!matches!(result, Err(BusError::Unavailable(_))));
             result?;
-            // Only this flush removes, from the front; `keep` only appends.
-            let mut buffer = self.buffer.lock().unwrap_or_else(|p| p.into_inner());
-            let sent = n.min(buffer.len());
-            buffer.drain(..sent);
+            // Sent: a crash before the removal sends them again, and the
+            // bus's duplicate check drops the repeats.
+            self.buffer
+                .remove_through(last)
+                .await
+                .map_err(BusError::Unavailable)?;
         }
     }
 }
@@ -284,13 +313,13 @@ impl Bus for ResilientBus {
         if self.buffered() > 0 {
             // Order: what waits goes first.
             if !self.breaker.allows() || self.flush().await.is_err() {
-                return self.keep(topic, events);
+                return self.keep(topic, events).await;
             }
         }
         let mut attempt = 0;
         loop {
             if !self.breaker.allows() {
-                return self.keep(topic, events);
+                return self.keep(topic, events).await;
             }
             // Borrowed: a failed attempt leaves the events to retry or buffer.
             let attempt_result = tokio::time::timeout(
@@ -304,7 +333,7 @@ impl Bus for ResilientBus {
                     self.breaker.record(false);
                     if attempt >= self.settings.retry_attempts {
                         if !self.breaker.allows() {
-                            return self.keep(topic, events);
+                            return self.keep(topic, events).await;
                         }
                         return Err(BusError::Unavailable(e));
                     }

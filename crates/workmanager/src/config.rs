@@ -136,6 +136,10 @@ pub struct Settings {
     pub resilience_retry_base_delay: Duration,
     pub circuit_breaker_threshold: u32,
     pub circuit_breaker_duration: Duration,
+    /// `Resilience:BufferPath`: the file where a networked bus's publishes
+    /// wait while its broker is down (default: `outbox.redb` beside
+    /// `StateStore:Path`).
+    pub buffer_path: PathBuf,
     pub state_store_path: PathBuf,
     /// `StateStore:Type`: embedded (default) or redis.
     pub state_store: StoreKind,
@@ -1018,6 +1022,9 @@ pub fn settings(layers: &Layers) -> Result<Settings, Vec<String>> {
             client: redis_client,
         });
     let state_store_path = PathBuf::from(r.string("StateStore:Path", "./data/state.redb"));
+    let beside_state = state_store_path.with_file_name("outbox.redb");
+    let buffer_path =
+        PathBuf::from(r.string("Resilience:BufferPath", &beside_state.to_string_lossy()));
     let drain_timeout = Duration::from_secs(r.int("Shutdown:DrainTimeoutSeconds", 30, 0, 3600));
     let queue_capacity = r.int("Messaging:QueueCapacity", 1024, 1, 1_000_000) as usize;
     let publish_timeout =
@@ -1103,6 +1110,7 @@ pub fn settings(layers: &Layers) -> Result<Settings, Vec<String>> {
             circuit_breaker_threshold,
             circuit_breaker_duration,
             state_store_path,
+            buffer_path,
             state_store,
             pubsub,
             nats_url,

@@ -12,8 +12,8 @@ use workmanager_api::jwt::JwtVerifier;
 use workmanager_api::server::{serve, ServeOptions};
 use workmanager_api::tls::TlsState;
 use workmanager_backends::{
-    DaprBus, DaprClient, DaprSettings, DaprStore, EmbeddedBus, EmbeddedStore, NatsAuth, NatsBus,
-    NatsBusSettings, RedisBus, RedisBusSettings, RedisStore,
+    DaprBus, DaprClient, DaprSettings, DaprStore, EmbeddedBus, EmbeddedStore, FileOutbox, NatsAuth,
+    NatsBus, NatsBusSettings, RedisBus, RedisBusSettings, RedisStore,
 };
 use workmanager_core::bus::Bus;
 use workmanager_core::{
@@ -156,6 +156,13 @@ pub async fn run(settings: Settings, port_file: Option<PathBuf>) -> Result<()> {
     };
 
     let fetcher = build_fetcher(&settings)?;
+    // Where a networked bus's publishes wait while its broker is down.
+    let outbox = || -> Result<Arc<dyn workmanager_core::resilience::Outbox>> {
+        let o = FileOutbox::open(&settings.buffer_path).map_err(|e| {
+            anyhow!("{e}; set Resilience:BufferPath to a writable file of this instance's own")
+        })?;
+        Ok(Arc::new(o))
+    };
     let bus: Arc<dyn Bus> = match settings.pubsub {
         BusKind::Dapr => {
             let b = DaprBus::connect(
@@ -171,6 +178,7 @@ pub async fn run(settings: Settings, port_file: Option<PathBuf>) -> Result<()> {
                 Arc::new(b),
                 resilience.clone(),
                 metrics.publish_buffer_refused.clone(),
+                outbox()?,
             )
         }
         BusKind::Embedded => Arc::new(EmbeddedBus::new(
@@ -197,6 +205,7 @@ pub async fn run(settings: Settings, port_file: Option<PathBuf>) -> Result<()> {
                 Arc::new(b),
                 resilience.clone(),
                 metrics.publish_buffer_refused.clone(),
+                outbox()?,
             )
         }
         BusKind::Nats => {
@@ -228,7 +237,12 @@ pub async fn run(settings: Settings, port_file: Option<PathBuf>) -> Result<()> {
                 call_timeout: std::time::Duration::from_secs(5),
                 ..resilience.clone()
             };
-            ResilientBus::new(Arc::new(b), nats, metrics.publish_buffer_refused.clone())
+            ResilientBus::new(
+                Arc::new(b),
+                nats,
+                metrics.publish_buffer_refused.clone(),
+                outbox()?,
+            )
         }
     };
     let http = bind(&settings, settings.http_port, "HttpPort").await?;

@@ -512,6 +512,64 @@ async fn a_redis_restart_mid_stream_opens_the_breaker_buffers_and_loses_nothing(
     assert_eq!(distinct, expected, "only what was published or accepted");
 }
 
+/// Publishes accepted while the broker is down wait in the instance's
+/// outbox file: the instance is killed (-9) before the broker comes back,
+/// and its next run sends them.
+#[tokio::test(flavor = "multi_thread")]
+async fn publishes_buffered_during_an_outage_survive_a_crash_of_the_instance() {
+    let mut redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = cluster_settings(&redis);
+    settings.extend([
+        "Resilience:RetryAttempts=0".to_string(),
+        "Resilience:CircuitBreakerThreshold=1".to_string(),
+        "Resilience:CircuitBreakerDurationSeconds=2".to_string(),
+    ]);
+    let settings: Vec<&str> = settings.iter().map(String::as_str).collect();
+    let mut svc = Service::start(dir.path(), &settings);
+    svc.wait_ready().await;
+    // A consumer group on the topic, made before the outage.
+    let reader = test_redis_bus(&redis.url(), "reader").await;
+    let mut got = reader
+        .subscribe(&["kept".into()], "test-reader")
+        .await
+        .unwrap()
+        .receiver;
+
+    redis.stop();
+    let http = reqwest::Client::new();
+    let mut accepted = BTreeSet::new();
+    for i in 0..40 {
+        let r = http
+            .post(svc.url("/v1/topics/kept"))
+            .header("content-type", "application/cloudevents+json")
+            .json(&json!({"specversion": "1.0", "id": format!("k-{i}"), "source": "urn:t", "type": "t", "data": i}))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 202 {
+            accepted.insert(i);
+        }
+    }
+    assert!(
+        accepted.len() >= 30,
+        "buffered once the breaker opened: {accepted:?}"
+    );
+    svc.kill9();
+    redis.start_again();
+    let _svc = Service::start(dir.path(), &settings);
+    let mut delivered = BTreeSet::new();
+    while delivered.len() < accepted.len() {
+        let d = tokio::time::timeout(Duration::from_secs(30), got.recv())
+            .await
+            .expect("the buffered publishes arrive after the restart")
+            .unwrap();
+        delivered.insert(d.event.0["data"].as_i64().unwrap());
+        d.ack(Ack::Done);
+    }
+    assert_eq!(delivered, accepted, "each accepted publish, none other");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn forwarding_uses_mtls_and_passes_the_caller_s_credential_on() {
     use sha2::Digest;
