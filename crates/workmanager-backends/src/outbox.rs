@@ -109,15 +109,37 @@ impl Outbox for FileOutbox {
         .await
     }
 
+    /// An entry that cannot be read back (it cannot be sent either) is
+    /// logged and removed, so it never holds up the ones behind it.
     async fn front(&self, max: usize) -> Result<Vec<(u64, String, CloudEvent)>, String> {
-        self.blocking(move |db, _| {
-            let tx = db.begin_read().map_err(failed)?;
-            let table = tx.open_table(ENTRIES).map_err(failed)?;
+        self.blocking(move |db, len| {
             let mut out = Vec::new();
-            for item in table.range::<u64>(..).map_err(failed)?.take(max) {
-                let (k, v) = item.map_err(failed)?;
-                let (topic, event) = decode(v.value())?;
-                out.push((k.value(), topic, event));
+            let mut unreadable = Vec::new();
+            {
+                let tx = db.begin_read().map_err(failed)?;
+                let table = tx.open_table(ENTRIES).map_err(failed)?;
+                for item in table.range::<u64>(..).map_err(failed)?.take(max) {
+                    let (k, v) = item.map_err(failed)?;
+                    match decode(v.value()) {
+                        Ok((topic, event)) => out.push((k.value(), topic, event)),
+                        Err(e) => {
+                            tracing::error!(sequence = k.value(), error = %e, "an unreadable outbox entry is dropped");
+                            unreadable.push(k.value());
+                        }
+                    }
+                }
+            }
+            if !unreadable.is_empty() {
+                let tx = db.begin_write().map_err(failed)?;
+                let left = {
+                    let mut table = tx.open_table(ENTRIES).map_err(failed)?;
+                    for seq in unreadable {
+                        table.remove(seq).map_err(failed)?;
+                    }
+                    table.len().map_err(failed)?
+                };
+                tx.commit().map_err(failed)?;
+                len.store(left as usize, Ordering::SeqCst);
             }
             Ok(out)
         })
@@ -186,6 +208,32 @@ mod tests {
             .collect();
         assert_eq!(rest, vec![3, 4], "later pushes queue behind");
         assert_eq!(o.front(1).await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_entry_is_dropped_and_does_not_hold_up_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = FileOutbox::open(&dir.path().join("outbox.redb")).unwrap();
+        o.push("a", &[ev(1)]).await.unwrap();
+        {
+            let tx = o.db.begin_write().unwrap();
+            tx.open_table(ENTRIES)
+                .unwrap()
+                .insert(2, &b"garbage"[..])
+                .unwrap();
+            tx.commit().unwrap();
+        }
+        o.len.store(2, Ordering::SeqCst);
+        o.push("a", &[ev(3)]).await.unwrap();
+        let got: Vec<u64> = o
+            .front(10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|(_, _, e)| e.0["data"].as_u64().unwrap())
+            .collect();
+        assert_eq!(got, vec![1, 3]);
+        assert_eq!(o.len(), 2, "the unreadable entry is gone");
     }
 
     #[test]
