@@ -177,6 +177,16 @@ mod tests {
         }))
     }
 
+    /// The data of the events waiting, oldest first.
+    async fn waiting(o: &FileOutbox) -> Vec<u64> {
+        o.front(100)
+            .await
+            .unwrap()
+            .iter()
+            .map(|(_, _, e)| e.0["data"].as_u64().unwrap())
+            .collect()
+    }
+
     #[tokio::test]
     async fn what_was_pushed_survives_a_reopen_in_order_until_removed() {
         let dir = tempfile::tempdir().unwrap();
@@ -199,14 +209,7 @@ mod tests {
         o.remove_through(front[1].0).await.unwrap();
         assert_eq!(o.len(), 1);
         o.push("c", &[ev(4)]).await.unwrap();
-        let rest: Vec<u64> = o
-            .front(10)
-            .await
-            .unwrap()
-            .iter()
-            .map(|(_, _, e)| e.0["data"].as_u64().unwrap())
-            .collect();
-        assert_eq!(rest, vec![3, 4], "later pushes queue behind");
+        assert_eq!(waiting(&o).await, vec![3, 4], "later pushes queue behind");
         assert_eq!(o.front(1).await.unwrap().len(), 1);
     }
 
@@ -225,14 +228,7 @@ mod tests {
         }
         o.len.store(2, Ordering::SeqCst);
         o.push("a", &[ev(3)]).await.unwrap();
-        let got: Vec<u64> = o
-            .front(10)
-            .await
-            .unwrap()
-            .iter()
-            .map(|(_, _, e)| e.0["data"].as_u64().unwrap())
-            .collect();
-        assert_eq!(got, vec![1, 3]);
+        assert_eq!(waiting(&o).await, vec![1, 3]);
         assert_eq!(o.len(), 2, "the unreadable entry is gone");
     }
 
