@@ -137,6 +137,11 @@ pub trait Bus: Send + Sync {
         crate::resilience::CircuitState::Closed
     }
 
+    /// Publishes waiting for the broker in the resilience layer's outbox.
+    fn buffered(&self) -> usize {
+        0
+    }
+
     /// For push-based buses, where the HTTP API delivers pushed events.
     fn intake(&self) -> Option<std::sync::Arc<dyn PushIntake>> {
         None

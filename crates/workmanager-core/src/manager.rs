@@ -246,6 +246,10 @@ impl Manager {
                 .get_or_create(&crate::metrics::WorkerLabels { worker })
                 .set(depth as i64);
         }
+        self.inner
+            .metrics
+            .publish_buffer_waiting
+            .set(self.inner.bus.buffered() as i64);
         for (backend, state) in [
             ("statestore", self.inner.store.circuit()),
             ("pubsub", self.inner.bus.circuit()),

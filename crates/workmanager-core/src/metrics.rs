@@ -97,6 +97,8 @@ pub struct Metrics {
     /// Publishes refused because the buffer that holds them while the bus
     /// is down was full (the publisher was told to retry).
     pub publish_buffer_refused: Counter,
+    /// Publishes waiting in that buffer; refreshed before rendering.
+    pub publish_buffer_waiting: Gauge,
 }
 
 impl Default for Metrics {
@@ -169,10 +171,17 @@ impl Metrics {
             "Publishes refused (retry later) because the buffer was full while the bus's circuit was open",
             publish_buffer_refused.clone(),
         );
+        let publish_buffer_waiting = Gauge::default();
+        registry.register(
+            "publish_buffer_waiting",
+            "Publishes waiting in the outbox for the bus's broker to answer again",
+            publish_buffer_waiting.clone(),
+        );
         Self {
             registry,
             circuit,
             publish_buffer_refused,
+            publish_buffer_waiting,
             messages,
             queue_depth,
             backpressure,

@@ -373,6 +373,10 @@ impl Bus for ResilientBus {
         self.breaker.state()
     }
 
+    fn buffered(&self) -> usize {
+        ResilientBus::buffered(self)
+    }
+
     fn intake(&self) -> Option<Arc<dyn crate::bus::PushIntake>> {
         self.inner.intake()
     }

@@ -555,6 +555,14 @@ async fn publishes_buffered_during_an_outage_survive_a_crash_of_the_instance() {
         accepted.len() >= 30,
         "buffered once the breaker opened: {accepted:?}"
     );
+    let metrics = svc.get_text("/metrics").await;
+    assert!(
+        metrics.contains(&format!(
+            "workmanager_publish_buffer_waiting {}",
+            accepted.len()
+        )),
+        "{metrics}"
+    );
     svc.kill9();
     redis.start_again();
     let _svc = Service::start(dir.path(), &settings);
