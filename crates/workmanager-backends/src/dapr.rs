@@ -414,7 +414,8 @@ pub struct DaprBus {
 struct Group {
     name: String,
     queue: mpsc::Sender<Delivery>,
-    /// Event ids this group settled recently: a redelivery skips them.
+    /// Events (`CloudEvent::dedup_key`) this group settled recently: a
+    /// redelivery skips them.
     done: Arc<Mutex<Recent>>,
 }
 
@@ -457,13 +458,13 @@ fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 struct PushAck {
     tx: Mutex<Option<oneshot::Sender<Ack>>>,
     done: Arc<Mutex<Recent>>,
-    event_id: String,
+    key: String,
 }
 
 impl Acker for PushAck {
     fn ack(&self, outcome: Ack) {
         if outcome == Ack::Done {
-            locked(&self.done).insert(self.event_id.clone());
+            locked(&self.done).insert(self.key.clone());
         }
         if let Some(tx) = locked(&self.tx).take() {
             let _ = tx.send(outcome);
@@ -563,11 +564,13 @@ impl PushIntake for Intake {
             );
             return Ack::Retry;
         }
-        let event_id = event.get_str("id").unwrap_or_default().to_string();
+        // Source and id, as the other buses' duplicate checks: another
+        // producer's event with the same id is another event.
+        let key = event.dedup_key().unwrap_or_default();
         let topic_arc: Arc<str> = Arc::from(topic);
         let mut waits = Vec::new();
         for (group, queue, done) in targets {
-            if locked(&done).ids.contains(&event_id) {
+            if locked(&done).ids.contains(&key) {
                 continue;
             }
             let (tx, rx) = oneshot::channel();
@@ -577,7 +580,7 @@ impl PushIntake for Intake {
                 acker: Some(Box::new(PushAck {
                     tx: Mutex::new(Some(tx)),
                     done,
-                    event_id: event_id.clone(),
+                    key: key.clone(),
                 })),
             };
             if queue.send(delivery).await.is_err() {
@@ -768,5 +771,42 @@ mod tests {
         );
         let missing = c.secret("vault", "nope", None).await.unwrap_err();
         assert!(missing.contains("404"), "{missing}");
+    }
+
+    /// The sidecar redelivers an event when some group asked for a retry: a
+    /// group that already settled it skips it. Another producer's event
+    /// with the same id is another event, and is delivered.
+    #[tokio::test]
+    async fn a_redelivery_is_skipped_but_another_sources_event_with_its_id_is_not() {
+        let fake = FakeDaprSidecar::start(None).await;
+        let bus = DaprBus::connect(client(&fake, None), vec![], None, 16)
+            .await
+            .unwrap();
+        let mut sub = bus.subscribe(&["t".into()], "w1").await.unwrap();
+        let intake = bus.intake().unwrap();
+        let settled = tokio::spawn(async move {
+            let mut got = Vec::new();
+            while got.len() < 2 {
+                let Some(d) = sub.receiver.recv().await else {
+                    break;
+                };
+                got.push(d.event.0["data"].clone());
+                d.ack(Ack::Done);
+            }
+            got
+        });
+        let e = |source: &str, data: u64| {
+            CloudEvent::from_input(serde_json::json!({
+                "specversion": "1.0", "id": "same", "source": source, "type": "t", "data": data
+            }))
+        };
+        assert_eq!(intake.push("t", e("urn:a", 1)).await, Ack::Done);
+        assert_eq!(intake.push("t", e("urn:a", 1)).await, Ack::Done);
+        assert_eq!(intake.push("t", e("urn:b", 2)).await, Ack::Done);
+        let got = tokio::time::timeout(Duration::from_secs(5), settled)
+            .await
+            .expect("both events reach the group")
+            .unwrap();
+        assert_eq!(got, vec![serde_json::json!(1), serde_json::json!(2)]);
     }
 }
