@@ -13,10 +13,10 @@
 //!   once and not after mimalloc's default second. Purging at once made
 //!   every burst fault its pages in again: on the Redis Streams bus, whose
 //!   reads allocate a few hundred KB per batch, `madvise` and page faults
-//!   were a fifth of the service's CPU (26–30 µs per message against
-//!   18–23 µs with a delay). A soak's RSS stays as flat with 100 ms as with
-//!   0 (+4.5–5.7% max over min), where the default second let it swing
-//!   ±11% in an earlier build.
+//!   were a fifth of the service's CPU (25–35 µs per message against
+//!   17–24 µs with a delay of 10 ms or 1 s). A soak's RSS stays as flat
+//!   with 100 ms as with 0 (+4.5–5.7% max over min), where the default
+//!   second let it swing ±11% in an earlier build.
 
 /// How long freed memory stays mapped before it goes back to the OS.
 const PURGE_DELAY_MS: std::ffi::c_long = 100;

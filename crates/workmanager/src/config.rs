@@ -172,9 +172,9 @@ pub struct Settings {
     /// long are taken over by a live consumer of the group.
     pub redis_visibility_timeout: Duration,
     /// `Redis:DedupWindowSeconds`: how long an event (source and id) is
-    /// remembered per worker to drop duplicates (0: off). Each is a 36-byte
-    /// set member for one to two windows: at 10,000 messages/s a 60 s window
-    /// holds up to ~1,200,000 of them.
+    /// remembered per worker to drop duplicates (0: off). Each is a set
+    /// member of at most 128 bytes (`CloudEvent::dedup_key`) for one to two
+    /// windows: at 10,000 messages/s a 60 s window holds up to ~1,200,000.
     pub redis_dedup_window: Duration,
     /// `Redis:MaxDeliver`: deliveries of a message its consumers never
     /// settled before it goes to `{topic}-dead` (0: no bound).

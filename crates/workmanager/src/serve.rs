@@ -156,12 +156,19 @@ pub async fn run(settings: Settings, port_file: Option<PathBuf>) -> Result<()> {
     };
 
     let fetcher = build_fetcher(&settings)?;
-    // Where a networked bus's publishes wait while its broker is down.
-    let outbox = || -> Result<Arc<dyn workmanager_core::resilience::Outbox>> {
-        let o = FileOutbox::open(&settings.buffer_path).map_err(|e| {
+    // A networked bus behind retries, a breaker and the outbox file where
+    // its publishes wait while the broker is down.
+    let resilient = |b: Arc<dyn Bus>, r: ResilienceSettings| -> Result<Arc<dyn Bus>> {
+        let outbox = FileOutbox::open(&settings.buffer_path).map_err(|e| {
             anyhow!("{e}; set Resilience:BufferPath to a writable file of this instance's own")
         })?;
-        Ok(Arc::new(o))
+        let bus: Arc<dyn Bus> = ResilientBus::new(
+            b,
+            r,
+            metrics.publish_buffer_refused.clone(),
+            Arc::new(outbox),
+        );
+        Ok(bus)
     };
     let bus: Arc<dyn Bus> = match settings.pubsub {
         BusKind::Dapr => {
@@ -174,12 +181,7 @@ pub async fn run(settings: Settings, port_file: Option<PathBuf>) -> Result<()> {
             .await
             .map_err(|e| anyhow!("{e} (PubSub:Type=dapr, Dapr:HttpPort, pubsubName)"))?;
             tracing::info!(component = %settings.dapr.pubsub, "Dapr pub/sub reached through the sidecar");
-            ResilientBus::new(
-                Arc::new(b),
-                resilience.clone(),
-                metrics.publish_buffer_refused.clone(),
-                outbox()?,
-            )
+            resilient(Arc::new(b), resilience.clone())?
         }
         BusKind::Embedded => Arc::new(EmbeddedBus::new(
             settings.queue_capacity,
@@ -201,12 +203,7 @@ pub async fn run(settings: Settings, port_file: Option<PathBuf>) -> Result<()> {
             .await
             .map_err(|e| anyhow!("{e} (PubSub:Type=redis, Redis:Url)"))?;
             tracing::info!("Redis Streams bus connected");
-            ResilientBus::new(
-                Arc::new(b),
-                resilience.clone(),
-                metrics.publish_buffer_refused.clone(),
-                outbox()?,
-            )
+            resilient(Arc::new(b), resilience.clone())?
         }
         BusKind::Nats => {
             let b = NatsBus::connect(
@@ -237,12 +234,7 @@ pub async fn run(settings: Settings, port_file: Option<PathBuf>) -> Result<()> {
                 call_timeout: std::time::Duration::from_secs(5),
                 ..resilience.clone()
             };
-            ResilientBus::new(
-                Arc::new(b),
-                nats,
-                metrics.publish_buffer_refused.clone(),
-                outbox()?,
-            )
+            resilient(Arc::new(b), nats)?
         }
     };
     let http = bind(&settings, settings.http_port, "HttpPort").await?;
