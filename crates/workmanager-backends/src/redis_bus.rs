@@ -499,11 +499,10 @@ impl Reader {
         // Buckets by this instance's clock: a worker's group is read by one
         // instance at a time, and a clock skew under a window between the
         // old and the new owner still finds an id in one of the two buckets.
-        let bucket = workmanager_core::ownership::now_ms() / 1000 / window;
-        let prefix = format!("workmanager:seen:{}", self.group);
+        let bucket = seen_bucket(window);
         let (cur, prev) = (
-            format!("{prefix}:{bucket}"),
-            format!("{prefix}:{}", bucket.saturating_sub(1)),
+            seen_key(&self.group, bucket),
+            seen_key(&self.group, bucket.saturating_sub(1)),
         );
         let ids: Vec<&str> = checked.iter().map(|(_, eid)| *eid).collect();
         let mut pipe = redis::pipe();
@@ -572,6 +571,17 @@ impl Reader {
         }
         true
     }
+}
+
+/// The time bucket (of `window` seconds) that now falls in, by this
+/// instance's clock.
+fn seen_bucket(window: u64) -> u64 {
+    workmanager_core::ownership::now_ms() / 1000 / window.max(1)
+}
+
+/// The set of the event keys a group saw during one time bucket.
+fn seen_key(group: &str, bucket: u64) -> String {
+    format!("workmanager:seen:{group}:{bucket}")
 }
 
 /// A fresh plain connection, or `None` while the server is still away.
@@ -691,9 +701,28 @@ impl Bus for RedisBus {
         self.readers.stop_group(group);
     }
 
-    /// `XGROUP DESTROY` on each topic's stream. The group's remembered event
-    /// ids expire with their window.
+    /// `XGROUP DESTROY` on each topic's stream, and the group's remembered
+    /// event keys are deleted: the sets of every bucket that may still
+    /// exist (one is kept up to two windows after its last write), and of
+    /// the next, written by an instance whose clock runs ahead.
     async fn remove_group(&self, topics: &[String], group: &str) {
+        let window = self.settings.dedup_window.as_secs();
+        if window > 0 {
+            let now = seen_bucket(window);
+            let sets: Vec<String> = (now.saturating_sub(2)..=now + 1)
+                .map(|b| seen_key(group, b))
+                .collect();
+            let r: Result<(), String> = self
+                .conn
+                .run("DEL", |mut c| {
+                    let sets = sets.clone();
+                    async move { c.del(&sets).await }
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::warn!(error = %e, group, "the group's remembered event keys were not deleted; they expire with their window");
+            }
+        }
         for t in topics {
             let stream = stream_key(t);
             let r: Result<(), String> = self
@@ -1012,6 +1041,45 @@ mod tests {
             "the duplicate was skipped"
         );
         second.ack(Ack::Done);
+    }
+
+    /// A deleted worker's remembered events go with it: its sets no longer
+    /// take the server's memory, and a group made again under its name
+    /// treats an event the old one saw as new.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_removed_group_leaves_no_remembered_events_behind() {
+        let r = RedisServer::start();
+        let b = bus(&r, "i1").await;
+        let mut s = b.subscribe(&["t".into()], "w1").await.unwrap();
+        b.publish("t", suite::ev(1)).await.unwrap();
+        suite::take(&mut s.receiver, 1, Ack::Done).await;
+        let c = redis::Client::open(r.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let remembered = |mut c: MultiplexedConnection| async move {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg("workmanager:seen:w1:*")
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            keys
+        };
+        assert_eq!(
+            remembered(c.clone()).await.len(),
+            1,
+            "the event is remembered"
+        );
+        b.unsubscribe(&["t".into()], "w1").await;
+        drop(s);
+        // A stopped reader's last blocking read ends within 0.5 s.
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        b.remove_group(&["t".into()], "w1").await;
+        assert_eq!(remembered(c.clone()).await, Vec::<String>::new());
+        let mut s = b.subscribe(&["t".into()], "w1").await.unwrap();
+        b.publish("t", suite::ev(1)).await.unwrap();
+        suite::take(&mut s.receiver, 1, Ack::Done).await;
     }
 
     #[tokio::test(flavor = "multi_thread")]
