@@ -141,6 +141,26 @@ impl NatsBus {
         })
     }
 
+    /// Publishes each event with its dedup key as `Nats-Msg-Id`, then waits
+    /// for every acknowledgement.
+    async fn try_publish(&self, topic: &str, events: &[CloudEvent]) -> Result<(), Failed> {
+        self.stream(topic).await.map_err(Failed::Other)?;
+        let subj = subject(topic);
+        let mut acks = Vec::with_capacity(events.len());
+        let dedup = !self.settings.dedup_window.is_zero();
+        for e in events {
+            let mut publish = jetstream::context::Publish::build().payload(e.to_json().into());
+            if let Some(key) = e.dedup_key().filter(|_| dedup) {
+                publish = publish.message_id(key);
+            }
+            acks.push(self.js.send_publish(subj.clone(), publish).await?);
+        }
+        for a in acks {
+            a.await?;
+        }
+        Ok(())
+    }
+
     async fn stream(&self, topic: &str) -> Result<stream::Stream, BusError> {
         let mut streams = self.streams.lock().await;
         if let Some(s) = streams.get(topic) {
@@ -149,6 +169,23 @@ impl NatsBus {
         let s = ensure_stream(&self.js, topic, &self.settings).await?;
         streams.insert(topic.to_string(), s.clone());
         Ok(s)
+    }
+}
+
+/// Why a publish failed: its stream is gone (made again and retried), or
+/// anything else.
+enum Failed {
+    StreamGone(jetstream::context::PublishError),
+    Other(BusError),
+}
+
+impl From<jetstream::context::PublishError> for Failed {
+    fn from(e: jetstream::context::PublishError) -> Self {
+        if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound {
+            Failed::StreamGone(e)
+        } else {
+            Failed::Other(unavailable(e))
+        }
     }
 }
 
@@ -450,27 +487,24 @@ impl Bus for NatsBus {
         self.publish_slice(topic, &events).await
     }
 
+    /// A stream deleted behind the service's back (by an operator, or a
+    /// cleanup) is made again: the publish that finds it gone forgets the
+    /// stream this bus had seen, makes it anew and is sent once more (what
+    /// the first attempt stored went with the stream; repeats within the
+    /// new one are dropped by their `Nats-Msg-Id`).
     async fn publish_slice(&self, topic: &str, events: &[CloudEvent]) -> Result<(), BusError> {
-        self.stream(topic).await?;
-        let subj = subject(topic);
-        let mut acks = Vec::with_capacity(events.len());
-        let dedup = !self.settings.dedup_window.is_zero();
-        for e in events {
-            let mut publish = jetstream::context::Publish::build().payload(e.to_json().into());
-            if let Some(key) = e.dedup_key().filter(|_| dedup) {
-                publish = publish.message_id(key);
+        match self.try_publish(topic, events).await {
+            Err(Failed::StreamGone(_)) => {
+                tracing::warn!(topic, "the topic's stream is gone; making it again");
+                self.streams.lock().await.remove(topic);
+                self.try_publish(topic, events).await
             }
-            acks.push(
-                self.js
-                    .send_publish(subj.clone(), publish)
-                    .await
-                    .map_err(unavailable)?,
-            );
+            other => other,
         }
-        for a in acks {
-            a.await.map_err(unavailable)?;
-        }
-        Ok(())
+        .map_err(|f| match f {
+            Failed::StreamGone(e) => unavailable(e),
+            Failed::Other(e) => e,
+        })
     }
 
     async fn subscribe(&self, topics: &[String], group: &str) -> Result<Subscription, BusError> {
@@ -763,6 +797,21 @@ mod tests {
             "not delivered a third time"
         );
         d.ack(Ack::Done);
+    }
+
+    /// An output topic whose stream an operator deleted keeps taking
+    /// publishes: the stream is made again, and what is published lands.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_stream_deleted_behind_the_service_is_made_again_by_the_next_publish() {
+        let n = NatsServer::start();
+        let b = bus(&n).await;
+        b.publish("t", suite::ev(1)).await.unwrap();
+        b.js.delete_stream(safe_name("wm_", "t")).await.unwrap();
+        b.publish_many("t", vec![suite::ev(2), suite::ev(3)])
+            .await
+            .expect("the publish makes the stream again");
+        let mut s = b.js.get_stream(safe_name("wm_", "t")).await.unwrap();
+        assert_eq!(s.info().await.unwrap().state.messages, 2);
     }
 
     #[tokio::test(flavor = "multi_thread")]
