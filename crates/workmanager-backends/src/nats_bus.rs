@@ -148,8 +148,20 @@ impl NatsBus {
         let subj = subject(topic);
         let mut acks = Vec::with_capacity(events.len());
         let dedup = !self.settings.dedup_window.is_zero();
+        // Every event's JSON in one buffer, each payload a slice of it: one
+        // allocation per batch instead of one (grown three times) per event.
+        let mut json = Vec::with_capacity(events.len() * 1024);
+        let mut ends = Vec::with_capacity(events.len());
         for e in events {
-            let mut publish = jetstream::context::Publish::build().payload(e.to_json().into());
+            e.write_json(&mut json);
+            ends.push(json.len());
+        }
+        let json = bytes::Bytes::from(json);
+        let mut start = 0;
+        for (e, end) in events.iter().zip(ends) {
+            let payload = json.slice(start..end);
+            start = end;
+            let mut publish = jetstream::context::Publish::build().payload(payload);
             if let Some(key) = e.dedup_key().filter(|_| dedup) {
                 publish = publish.message_id(key);
             }
