@@ -418,14 +418,62 @@ async fn ensure_stream(
 /// version with per-message acknowledgements is replaced by one that starts
 /// after its acknowledged floor (the messages it had delivered but not
 /// acknowledged come again: at-least-once).
+/// Failed reads in a row after which a consumer is opened again.
+const REOPEN_AFTER_FAILURES: u32 = 3;
+
+fn spawn_ack_task(
+    client: &async_nats::Client,
+    ack_wait: Duration,
+) -> mpsc::UnboundedSender<Settle> {
+    let (acks, ack_rx) = mpsc::unbounded_channel();
+    tokio::spawn(ack_task(client.clone(), ack_rx, ack_wait));
+    acks
+}
+
+/// Opens a consumer's messages again, after its reads kept failing: the
+/// server was away, or the consumer or its stream was deleted. The stream
+/// is made again if it is gone. A durable consumer that still exists
+/// resumes where it was; one that is gone is made again, from the start of
+/// its stream if the stream itself is new (`made`: when the stream the
+/// consumer read was made), else with new messages, as at first.
+async fn reopen(
+    js: &jetstream::Context,
+    topic: &str,
+    name: &str,
+    settings: &NatsBusSettings,
+    made: &mut i128,
+) -> Result<consumer::pull::Stream, BusError> {
+    let stream = ensure_stream(js, topic, settings).await?;
+    let now = stream.cached_info().created.unix_timestamp_nanos();
+    let new_stream = now != *made;
+    let consumer = consumer_for(&stream, name, settings, new_stream).await?;
+    let messages = consumer.messages().await.map_err(unavailable)?;
+    if new_stream {
+        tracing::warn!(
+            topic,
+            consumer = name,
+            "the topic's stream was made again; consuming it from its start"
+        );
+    }
+    *made = now;
+    Ok(messages)
+}
+
+/// The durable pull consumer `name` on `stream`, made if absent: with new
+/// messages only, or from the stream's start (`from_start`).
 async fn consumer_for(
     stream: &stream::Stream,
     name: &str,
     settings: &NatsBusSettings,
+    from_start: bool,
 ) -> Result<consumer::PullConsumer, BusError> {
     let config = consumer::pull::Config {
         durable_name: Some(name.to_string()),
-        deliver_policy: consumer::DeliverPolicy::New,
+        deliver_policy: if from_start {
+            consumer::DeliverPolicy::All
+        } else {
+            consumer::DeliverPolicy::New
+        },
         ack_policy: consumer::AckPolicy::All,
         ack_wait: settings.ack_wait,
         // Unbounded at the server: past `Nats:MaxDeliver` the reader moves
@@ -524,30 +572,50 @@ impl Bus for NatsBus {
         let (stop_tx, stop_rx) = watch::channel(false);
         for t in topics {
             let stream = self.stream(t).await?;
-            let consumer = consumer_for(&stream, &safe_name("w_", group), &self.settings).await?;
+            let mut made = stream.cached_info().created.unix_timestamp_nanos();
+            let name = safe_name("w_", group);
+            let consumer = consumer_for(&stream, &name, &self.settings, false).await?;
             let mut messages = consumer.messages().await.map_err(unavailable)?;
             let (tx, mut stop, topic) = (tx.clone(), stop_rx.clone(), Arc::<str>::from(t.as_str()));
-            let (acks, ack_rx) = mpsc::unbounded_channel();
-            tokio::spawn(ack_task(
-                self.client.clone(),
-                ack_rx,
-                self.settings.ack_wait,
-            ));
+            let client = self.client.clone();
+            let mut acks = spawn_ack_task(&client, self.settings.ack_wait);
             let (js, settings, group) = (self.js.clone(), self.settings.clone(), group.to_string());
             tokio::spawn(async move {
+                // Failed reads in a row: past a few, the consumer (or its
+                // stream) may be gone, and is opened again.
+                let mut failures = 0u32;
                 loop {
                     let next = tokio::select! {
                         _ = stop.wait_for(|s| *s) => return,
                         m = messages.next() => m,
                     };
                     let m = match next {
-                        Some(Ok(m)) => m,
-                        Some(Err(e)) => {
-                            tracing::warn!(error = %e, "JetStream consumer error; retrying");
+                        Some(Ok(m)) => {
+                            failures = 0;
+                            m
+                        }
+                        failed => {
+                            if let Some(Err(e)) = failed {
+                                tracing::warn!(error = %e, "JetStream consumer error; retrying");
+                            }
+                            failures += 1;
                             tokio::time::sleep(Duration::from_millis(200)).await;
+                            if failures >= REOPEN_AFTER_FAILURES {
+                                match reopen(&js, &topic, &name, &settings, &mut made).await {
+                                    Ok(m) => {
+                                        // The old consumer's deliveries settle
+                                        // through the old task.
+                                        acks = spawn_ack_task(&client, settings.ack_wait);
+                                        messages = m;
+                                        failures = 0;
+                                    }
+                                    Err(e) => {
+                                        tracing::debug!(error = %e, "reopening the JetStream consumer failed")
+                                    }
+                                }
+                            }
                             continue;
                         }
-                        None => return,
                     };
                     let (Some(reply), Ok((seq, delivered))) = (
                         m.message.reply.clone(),
@@ -824,6 +892,25 @@ mod tests {
             .expect("the publish makes the stream again");
         let mut s = b.js.get_stream(safe_name("wm_", "t")).await.unwrap();
         assert_eq!(s.info().await.unwrap().state.messages, 2);
+    }
+
+    /// A worker whose input stream an operator deleted goes on consuming
+    /// what is published to the topic afterwards.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_consumer_whose_stream_was_deleted_resumes_on_the_new_stream() {
+        let n = NatsServer::start();
+        let b = bus(&n).await;
+        let mut s = b.subscribe(&["t".into()], "w1").await.unwrap();
+        b.publish("t", suite::ev(1)).await.unwrap();
+        suite::take(&mut s.receiver, 1, Ack::Done).await;
+        b.js.delete_stream(safe_name("wm_", "t")).await.unwrap();
+        b.publish("t", suite::ev(2)).await.unwrap();
+        let d = tokio::time::timeout(Duration::from_secs(30), s.receiver.recv())
+            .await
+            .expect("delivered from the new stream within 30 s")
+            .expect("open");
+        assert_eq!(d.event.0["data"], serde_json::json!(2));
+        d.ack(Ack::Done);
     }
 
     #[tokio::test(flavor = "multi_thread")]
