@@ -414,10 +414,6 @@ async fn ensure_stream(
     Ok(s)
 }
 
-/// The group's durable consumer on `stream`. A consumer made by an older
-/// version with per-message acknowledgements is replaced by one that starts
-/// after its acknowledged floor (the messages it had delivered but not
-/// acknowledged come again: at-least-once).
 /// Failed reads in a row after which a consumer is opened again.
 const REOPEN_AFTER_FAILURES: u32 = 3;
 
@@ -459,8 +455,11 @@ async fn reopen(
     Ok(messages)
 }
 
-/// The durable pull consumer `name` on `stream`, made if absent: with new
-/// messages only, or from the stream's start (`from_start`).
+/// The group's durable consumer `name` on `stream`, made if absent: with
+/// new messages only, or from the stream's start (`from_start`). A consumer
+/// made by an older version with per-message acknowledgements is replaced
+/// by one that starts after its acknowledged floor (the messages it had
+/// delivered but not acknowledged come again: at-least-once).
 async fn consumer_for(
     stream: &stream::Stream,
     name: &str,
