@@ -276,13 +276,25 @@ fn retry_delay(delivered: i64, ack_wait: Duration) -> Duration {
 /// server's `max_ack_pending` messages beyond it (retries only happen while
 /// a backend is failing; a worker's own failures are retried and
 /// dead-lettered by the dispatcher and settle as done).
+///
+/// Messages an earlier reader of the consumer took and left unsettled
+/// (`inherited`: it stopped, or its instance died) are open from the start,
+/// so nothing is acknowledged past them before they come again and are
+/// done. Those that have not come again after twice the ack wait are no
+/// longer pending at the server (another reader settled them, or they were
+/// deleted from the stream), and stop holding the others.
 async fn ack_task(
     client: async_nats::Client,
     mut rx: mpsc::UnboundedReceiver<Settle>,
     ack_wait: Duration,
+    inherited: std::ops::Range<u64>,
 ) {
     // Delivered, unacknowledged messages by stream sequence; `Some` once done.
-    let mut open: std::collections::BTreeMap<u64, Option<Held>> = std::collections::BTreeMap::new();
+    let mut open: std::collections::BTreeMap<u64, Option<Held>> =
+        inherited.clone().map(|seq| (seq, None)).collect();
+    // Inherited messages not delivered again yet, and when they stop holding.
+    let mut unseen: std::collections::BTreeSet<u64> = inherited.collect();
+    let given_up = tokio::time::Instant::now() + ack_wait * 2 + Duration::from_secs(1);
     let keep_alive = (ack_wait / 3).max(Duration::from_millis(100));
     let mut tick = tokio::time::interval(keep_alive);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -293,6 +305,12 @@ async fn ack_task(
                 None => return,
             },
             _ = tick.tick() => {
+                if !unseen.is_empty() && tokio::time::Instant::now() >= given_up {
+                    for seq in std::mem::take(&mut unseen) {
+                        open.remove(&seq);
+                    }
+                    ack_settled(&client, &mut open).await;
+                }
                 keep_held_alive(&client, &mut open, keep_alive).await;
                 continue;
             }
@@ -302,6 +320,7 @@ async fn ack_task(
         while let Some(s) = next {
             match s {
                 Settle::Delivered(seq) => {
+                    unseen.remove(&seq);
                     open.insert(seq, None);
                 }
                 Settle::Settled {
@@ -335,21 +354,50 @@ async fn ack_task(
             n += 1;
             next = if n < 4096 { rx.try_recv().ok() } else { None };
         }
-        let mut last = None;
-        while let Some(entry) = open.first_entry() {
-            if entry.get().is_none() {
-                break;
-            }
-            last = entry.remove();
+        ack_settled(&client, &mut open).await;
+    }
+}
+
+/// Acknowledges the settled messages up to the first one not yet done.
+async fn ack_settled(
+    client: &async_nats::Client,
+    open: &mut std::collections::BTreeMap<u64, Option<Held>>,
+) {
+    let mut last = None;
+    while let Some(entry) = open.first_entry() {
+        if entry.get().is_none() {
+            break;
         }
-        if let Some(held) = last {
-            let ack = jetstream::AckKind::Ack;
-            if let Err(e) = client.publish(held.reply, ack.into()).await {
-                tracing::warn!(error = %e, "JetStream ack failed; those messages will be redelivered");
-            }
+        last = entry.remove();
+    }
+    if let Some(held) = last {
+        let ack = jetstream::AckKind::Ack;
+        if let Err(e) = client.publish(held.reply, ack.into()).await {
+            tracing::warn!(error = %e, "JetStream ack failed; those messages will be redelivered");
         }
     }
 }
+
+/// The stream sequences an earlier reader of the consumer took and did not
+/// acknowledge (`num_ack_pending` of them, all above the ack floor and at
+/// most the last delivered one, as acks are cumulative). The server
+/// delivers them again after their ack wait; meanwhile, an ack for a newer
+/// message would acknowledge them too, unprocessed. At most
+/// `MAX_INHERITED` of them are guarded: more would mean messages deleted
+/// from the stream under a consumer that lagged that far behind.
+fn inherited(info: &consumer::Info) -> std::ops::Range<u64> {
+    let (floor, last) = (
+        info.ack_floor.stream_sequence,
+        info.delivered.stream_sequence,
+    );
+    if info.num_ack_pending == 0 || last <= floor {
+        return 0..0;
+    }
+    (floor + 1).max(last.saturating_sub(MAX_INHERITED - 1))..last.saturating_add(1)
+}
+
+/// The most sequences a reader guards for an earlier one (see `inherited`).
+const MAX_INHERITED: u64 = 100_000;
 
 /// A settled message whose acknowledgement waits for an earlier one.
 struct Held {
@@ -417,12 +465,15 @@ async fn ensure_stream(
 /// Failed reads in a row after which a consumer is opened again.
 const REOPEN_AFTER_FAILURES: u32 = 3;
 
+/// The ack task of one opening of `consumer` (see `ack_task`).
 fn spawn_ack_task(
     client: &async_nats::Client,
     ack_wait: Duration,
+    consumer: &consumer::PullConsumer,
 ) -> mpsc::UnboundedSender<Settle> {
     let (acks, ack_rx) = mpsc::unbounded_channel();
-    tokio::spawn(ack_task(client.clone(), ack_rx, ack_wait));
+    let inherited = inherited(consumer.cached_info());
+    tokio::spawn(ack_task(client.clone(), ack_rx, ack_wait, inherited));
     acks
 }
 
@@ -438,7 +489,7 @@ async fn reopen(
     name: &str,
     settings: &NatsBusSettings,
     made: &mut i128,
-) -> Result<consumer::pull::Stream, BusError> {
+) -> Result<(consumer::PullConsumer, consumer::pull::Stream), BusError> {
     let stream = ensure_stream(js, topic, settings).await?;
     let now = stream.cached_info().created.unix_timestamp_nanos();
     let new_stream = now != *made;
@@ -452,7 +503,7 @@ async fn reopen(
         );
     }
     *made = now;
-    Ok(messages)
+    Ok((consumer, messages))
 }
 
 /// The group's durable consumer `name` on `stream`, made if absent: with
@@ -577,7 +628,7 @@ impl Bus for NatsBus {
             let mut messages = consumer.messages().await.map_err(unavailable)?;
             let (tx, mut stop, topic) = (tx.clone(), stop_rx.clone(), Arc::<str>::from(t.as_str()));
             let client = self.client.clone();
-            let mut acks = spawn_ack_task(&client, self.settings.ack_wait);
+            let mut acks = spawn_ack_task(&client, self.settings.ack_wait, &consumer);
             let (js, settings, group) = (self.js.clone(), self.settings.clone(), group.to_string());
             tokio::spawn(async move {
                 // Failed reads in a row: past a few, the consumer (or its
@@ -601,10 +652,11 @@ impl Bus for NatsBus {
                             tokio::time::sleep(Duration::from_millis(200)).await;
                             if failures >= REOPEN_AFTER_FAILURES {
                                 match reopen(&js, &topic, &name, &settings, &mut made).await {
-                                    Ok(m) => {
+                                    Ok((consumer, m)) => {
                                         // The old consumer's deliveries settle
                                         // through the old task.
-                                        acks = spawn_ack_task(&client, settings.ack_wait);
+                                        acks =
+                                            spawn_ack_task(&client, settings.ack_wait, &consumer);
                                         messages = m;
                                         failures = 0;
                                     }
@@ -781,6 +833,19 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread")]
+    async fn a_stopped_readers_messages_come_to_the_next_one() {
+        let n = NatsServer::start();
+        let settings = NatsBusSettings {
+            capacity: 1,
+            ..settings()
+        };
+        let b = NatsBus::connect(&n.url(), NatsAuth::default(), settings)
+            .await
+            .unwrap();
+        suite::a_stopped_readers_messages_come_to_the_next_one(&b).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
     async fn an_unacknowledged_message_is_redelivered_to_the_next_consumer() {
         let n = NatsServer::start();
         let first = bus(&n).await;
@@ -952,6 +1017,49 @@ mod tests {
         }
         let info = stream.consumer_info(&name).await.unwrap();
         assert_eq!(info.config.ack_policy, consumer::AckPolicy::All);
+    }
+
+    /// Messages an earlier reader left unsettled hold the next reader's
+    /// acknowledgements only while they may still come again: once they
+    /// are gone from the stream (purged here), what the new reader settles
+    /// is acknowledged after twice the ack wait, not held for ever.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn messages_a_stopped_reader_left_that_are_gone_stop_holding_acknowledgements() {
+        let n = NatsServer::start();
+        let settings = NatsBusSettings {
+            capacity: 1,
+            ..settings()
+        };
+        let b = NatsBus::connect(&n.url(), NatsAuth::default(), settings)
+            .await
+            .unwrap();
+        let mut s = b.subscribe(&["t".into()], "w1").await.unwrap();
+        b.publish_many("t", (1..=20).map(suite::ev).collect())
+            .await
+            .unwrap();
+        suite::take(&mut s.receiver, 1, Ack::Done).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        b.unsubscribe(&["t".into()], "w1").await;
+        drop(s);
+        let mut s = b.subscribe(&["t".into()], "w1").await.unwrap();
+        let stream = b.stream("t").await.unwrap();
+        stream.purge().await.unwrap();
+        b.publish("t", suite::ev(21)).await.unwrap();
+        suite::take(&mut s.receiver, 21, Ack::Done).await;
+        let name = safe_name("w_", "w1");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let info = stream.consumer_info(&name).await.unwrap();
+            if info.ack_floor.stream_sequence >= 21 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "21 acknowledged within 15 s; ack floor {}",
+                info.ack_floor.stream_sequence
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     #[test]

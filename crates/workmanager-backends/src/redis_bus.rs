@@ -850,6 +850,21 @@ mod tests {
         suite::a_removed_group_starts_afresh(&bus(&r, "i1").await).await;
     }
 
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_stopped_readers_messages_come_to_the_next_one() {
+        let r = RedisServer::start();
+        let b = RedisBus::connect(
+            &r.url(),
+            RedisBusSettings {
+                capacity: 1,
+                ..settings("i1")
+            },
+        )
+        .await
+        .unwrap();
+        suite::a_stopped_readers_messages_come_to_the_next_one(&b).await;
+    }
+
     async fn recv(rx: &mut mpsc::Receiver<Delivery>) -> Delivery {
         tokio::time::timeout(Duration::from_secs(10), rx.recv())
             .await
