@@ -305,7 +305,20 @@ async fn ack_task(
         let first = tokio::select! {
             s = rx.recv() => match s {
                 Some(s) => s,
-                None => return,
+                None => {
+                    // Every delivery is settled or handed back. What is done
+                    // but could not be acknowledged (an earlier message was
+                    // handed back) would come again after the ack wait: it
+                    // comes at once instead, and holds the next reader's
+                    // acknowledgements no longer (see `inherited`).
+                    for held in open.into_values().flatten() {
+                        let nak = jetstream::AckKind::Nak(None);
+                        if let Err(e) = client.publish(held.reply, nak.into()).await {
+                            tracing::debug!(error = %e, "JetStream NAK failed");
+                        }
+                    }
+                    return;
+                }
             },
             _ = tick.tick() => {
                 if !unseen.is_empty() && tokio::time::Instant::now() >= given_up {
@@ -625,6 +638,20 @@ impl Reader {
         }
     }
 
+    /// Hands back what the current request still brings, after the reader
+    /// stopped: those messages come again at once to the next reader of
+    /// the consumer, instead of after their ack wait.
+    async fn drain(mut self) {
+        let Some((mut batch, give_up)) = self.batch.take() else {
+            return;
+        };
+        while let Ok(Some(Ok(m))) = tokio::time::timeout_at(give_up, batch.next()).await {
+            if let Err(e) = m.ack_with(jetstream::AckKind::Nak(None)).await {
+                tracing::debug!(error = %e, "JetStream NAK failed");
+            }
+        }
+    }
+
     /// Whether the consumer still exists (else the reader fails until it is
     /// opened again); the messages it has delivered and that are not
     /// acknowledged are handed to `acks` as inherited, if given.
@@ -800,7 +827,10 @@ impl Bus for NatsBus {
                 let mut failures = 0u32;
                 loop {
                     let next = tokio::select! {
-                        _ = stop.wait_for(|s| *s) => return,
+                        _ = stop.wait_for(|s| *s) => {
+                            tokio::spawn(messages.drain());
+                            return;
+                        }
                         m = messages.next(&acks) => m,
                     };
                     let m = match next {
@@ -873,6 +903,7 @@ impl Bus for NatsBus {
                         acker: Some(Box::new(ack)),
                     };
                     if tx.send(d).await.is_err() {
+                        tokio::spawn(messages.drain());
                         return;
                     }
                 }
@@ -994,11 +1025,14 @@ mod tests {
         suite::a_removed_group_starts_afresh(&bus(&n).await).await;
     }
 
+    /// With an ack wait longer than the suite waits for a message: what the
+    /// stopped reader had taken is handed back, not left to time out.
     #[tokio::test(flavor = "multi_thread")]
     async fn a_stopped_readers_messages_come_to_the_next_one() {
         let n = NatsServer::start();
         let settings = NatsBusSettings {
             capacity: 1,
+            ack_wait: Duration::from_secs(60),
             ..settings()
         };
         let b = NatsBus::connect(&n.url(), NatsAuth::default(), settings)
@@ -1179,6 +1213,39 @@ mod tests {
         }
         let info = stream.consumer_info(&name).await.unwrap();
         assert_eq!(info.config.ack_policy, consumer::AckPolicy::All);
+    }
+
+    /// Messages done but not acknowledged when their reader stopped (an
+    /// earlier one was not settled) come again at once, not after the ack
+    /// wait (longer here than the test waits).
+    #[tokio::test(flavor = "multi_thread")]
+    async fn messages_done_behind_an_unsettled_one_come_again_when_the_reader_stops() {
+        let n = NatsServer::start();
+        let settings = NatsBusSettings {
+            ack_wait: Duration::from_secs(60),
+            ..settings()
+        };
+        let b = NatsBus::connect(&n.url(), NatsAuth::default(), settings)
+            .await
+            .unwrap();
+        let mut s = b.subscribe(&["t".into()], "w1").await.unwrap();
+        b.publish_many("t", (1..=3).map(suite::ev).collect())
+            .await
+            .unwrap();
+        let unsettled = recv(&mut s.receiver).await;
+        assert_eq!(unsettled.event.0["data"], serde_json::json!(1));
+        suite::take(&mut s.receiver, 2, Ack::Done).await;
+        suite::take(&mut s.receiver, 3, Ack::Done).await;
+        b.unsubscribe(&["t".into()], "w1").await;
+        drop(unsettled);
+        drop(s);
+        let mut s = b.subscribe(&["t".into()], "w1").await.unwrap();
+        let mut seen = std::collections::BTreeSet::new();
+        while seen.len() < 3 {
+            let d = recv(&mut s.receiver).await;
+            seen.extend(d.event.0["data"].as_u64());
+            d.ack(Ack::Done);
+        }
     }
 
     /// Messages an earlier reader left unsettled hold the next reader's
