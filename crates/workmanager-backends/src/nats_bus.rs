@@ -556,8 +556,10 @@ async fn reopen(
 struct Reader {
     consumer: consumer::PullConsumer,
     /// The request being answered, and when it is given up if the server
-    /// never ends it (a restarted server forgets its requests).
-    batch: Option<(consumer::pull::Batch, tokio::time::Instant)>,
+    /// never ends it (a restarted server forgets its requests): one timer
+    /// per request, not per message.
+    batch: Option<consumer::pull::Batch>,
+    give_up: std::pin::Pin<Box<tokio::time::Sleep>>,
     /// Whether the current request waits at the server (the stream was
     /// drained), whether it was sent after `LINGER`, and what it brought.
     waiting: bool,
@@ -582,6 +584,7 @@ impl Reader {
         Reader {
             consumer,
             batch: None,
+            give_up: Box::pin(tokio::time::sleep(Duration::ZERO)),
             // As if a message had just come: the first request asks for
             // what is stored.
             waiting: true,
@@ -604,8 +607,12 @@ impl Reader {
                     "the JetStream consumer is gone".into(),
                 ));
             }
-            if let Some((batch, give_up)) = self.batch.as_mut() {
-                match tokio::time::timeout_at(*give_up, batch.next()).await {
+            if let Some(batch) = self.batch.as_mut() {
+                let answer = tokio::select! {
+                    m = batch.next() => Ok(m),
+                    _ = &mut self.give_up => Err(()),
+                };
+                match answer {
                     Ok(Some(Ok(m))) => {
                         self.got += 1;
                         return Ok(m);
@@ -616,15 +623,15 @@ impl Reader {
                     }
                     Ok(None) => {
                         self.batch = None;
-                        // A wait that ended with nothing before its time:
-                        // the consumer may have been deleted (with its
+                        // A wait that ended with nothing well before its
+                        // time: the consumer may have been deleted (with its
                         // stream), which the server does not say.
                         let quiet = self.waiting && self.got == 0;
-                        if quiet && self.asked_at.elapsed() < WAIT {
+                        if quiet && self.asked_at.elapsed() < WAIT / 2 {
                             self.check(None).await;
                         }
                     }
-                    Err(_) => {
+                    Err(()) => {
                         // Never answered: the server lost the request (it
                         // restarted), or the consumer is gone. An answer
                         // that comes after all is lost with the request,
@@ -642,9 +649,10 @@ impl Reader {
     /// stopped: those messages come again at once to the next reader of
     /// the consumer, instead of after their ack wait.
     async fn drain(mut self) {
-        let Some((mut batch, give_up)) = self.batch.take() else {
+        let Some(mut batch) = self.batch.take() else {
             return;
         };
+        let give_up = self.give_up.deadline();
         while let Ok(Some(Ok(m))) = tokio::time::timeout_at(give_up, batch.next()).await {
             if let Err(e) = m.ack_with(jetstream::AckKind::Nak(None)).await {
                 tracing::debug!(error = %e, "JetStream NAK failed");
@@ -692,7 +700,8 @@ impl Reader {
         // A stored-messages request is answered at once.
         let answer_within = if wait { WAIT } else { Duration::ZERO };
         let give_up = self.asked_at + answer_within + Duration::from_secs(2);
-        self.batch = Some((batch.map_err(unavailable)?, give_up));
+        self.give_up.as_mut().reset(give_up);
+        self.batch = Some(batch.map_err(unavailable)?);
         Ok(())
     }
 }
@@ -983,7 +992,11 @@ mod tests {
     }
 
     async fn bus(n: &NatsServer) -> NatsBus {
-        NatsBus::connect(&n.url(), NatsAuth::default(), settings())
+        bus_with(n, settings()).await
+    }
+
+    async fn bus_with(n: &NatsServer, settings: NatsBusSettings) -> NatsBus {
+        NatsBus::connect(&n.url(), NatsAuth::default(), settings)
             .await
             .unwrap()
     }
@@ -1035,9 +1048,7 @@ mod tests {
             ack_wait: Duration::from_secs(60),
             ..settings()
         };
-        let b = NatsBus::connect(&n.url(), NatsAuth::default(), settings)
-            .await
-            .unwrap();
+        let b = bus_with(&n, settings).await;
         suite::a_stopped_readers_messages_come_to_the_next_one(&b).await;
     }
 
@@ -1070,9 +1081,7 @@ mod tests {
             ack_wait: Duration::from_secs(2),
             ..settings()
         };
-        let b = NatsBus::connect(&n.url(), NatsAuth::default(), settings.clone())
-            .await
-            .unwrap();
+        let b = bus_with(&n, settings.clone()).await;
         let mut s = b.subscribe(&["t".into()], "w1").await.unwrap();
         for i in 1..=3 {
             b.publish("t", suite::ev(i)).await.unwrap();
@@ -1101,9 +1110,7 @@ mod tests {
         // Everything was settled: the next consumer of the group, past the
         // ack wait, gets only what is new.
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let heir = NatsBus::connect(&n.url(), NatsAuth::default(), settings)
-            .await
-            .unwrap();
+        let heir = bus_with(&n, settings).await;
         let mut s = heir.subscribe(&["t".into()], "w1").await.unwrap();
         heir.publish("t", suite::ev(5)).await.unwrap();
         suite::take(&mut s.receiver, 5, Ack::Done).await;
@@ -1225,9 +1232,7 @@ mod tests {
             ack_wait: Duration::from_secs(60),
             ..settings()
         };
-        let b = NatsBus::connect(&n.url(), NatsAuth::default(), settings)
-            .await
-            .unwrap();
+        let b = bus_with(&n, settings).await;
         let mut s = b.subscribe(&["t".into()], "w1").await.unwrap();
         b.publish_many("t", (1..=3).map(suite::ev).collect())
             .await
@@ -1259,17 +1264,8 @@ mod tests {
             capacity: 1,
             ..settings()
         };
-        let b = NatsBus::connect(&n.url(), NatsAuth::default(), settings)
-            .await
-            .unwrap();
-        let mut s = b.subscribe(&["t".into()], "w1").await.unwrap();
-        b.publish_many("t", (1..=20).map(suite::ev).collect())
-            .await
-            .unwrap();
-        suite::take(&mut s.receiver, 1, Ack::Done).await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        b.unsubscribe(&["t".into()], "w1").await;
-        drop(s);
+        let b = bus_with(&n, settings).await;
+        suite::stop_a_reader_with_messages_taken(&b).await;
         let mut s = b.subscribe(&["t".into()], "w1").await.unwrap();
         let stream = b.stream("t").await.unwrap();
         stream.purge().await.unwrap();
