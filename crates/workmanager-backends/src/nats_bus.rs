@@ -569,6 +569,8 @@ struct Reader {
     /// The consumer was found deleted: every read fails, so the reader
     /// opens it again.
     gone: bool,
+    /// The consumer sequence of the last delivery this reader knows of.
+    last_delivery: u64,
 }
 
 /// Messages asked for by one request.
@@ -582,6 +584,7 @@ const WAIT: Duration = Duration::from_secs(5);
 impl Reader {
     fn new(consumer: consumer::PullConsumer) -> Reader {
         Reader {
+            last_delivery: consumer.cached_info().delivered.consumer_sequence,
             consumer,
             batch: None,
             give_up: Box::pin(tokio::time::sleep(Duration::ZERO)),
@@ -597,10 +600,7 @@ impl Reader {
 
     /// The next message of the consumer. Only the reader's stop cancels
     /// this, and drops the reader.
-    async fn next(
-        &mut self,
-        acks: &mpsc::UnboundedSender<Settle>,
-    ) -> Result<jetstream::Message, BusError> {
+    async fn next(&mut self) -> Result<jetstream::Message, BusError> {
         loop {
             if self.gone {
                 return Err(BusError::Unavailable(
@@ -634,10 +634,10 @@ impl Reader {
                     Err(()) => {
                         // Never answered: the server lost the request (it
                         // restarted), or the consumer is gone. An answer
-                        // that comes after all is lost with the request,
-                        // so its messages count as an earlier reader's.
+                        // that comes after all is lost with the request
+                        // (see `delivered`).
                         self.batch = None;
-                        self.check(Some(acks)).await;
+                        self.check(None).await;
                     }
                 }
             }
@@ -660,17 +660,44 @@ impl Reader {
         }
     }
 
-    /// Whether the consumer still exists (else the reader fails until it is
-    /// opened again); the messages it has delivered and that are not
-    /// acknowledged are handed to `acks` as inherited, if given.
-    async fn check(&mut self, acks: Option<&mpsc::UnboundedSender<Settle>>) {
+    /// Notes the consumer sequence of a message this reader got, before it
+    /// is handed over. A jump means the consumer delivered messages in
+    /// between elsewhere: to a request this reader gave up, or one a
+    /// stopped reader left open at the server. Those messages are handed
+    /// to `acks` as inherited first, so that acknowledging this one or a
+    /// later one never acknowledges them unprocessed.
+    async fn delivered(&mut self, consumer_seq: u64, acks: &mpsc::UnboundedSender<Settle>) {
+        if consumer_seq > self.last_delivery.saturating_add(1) {
+            for attempt in 1..=3 {
+                if self.check(Some(acks)).await {
+                    break;
+                }
+                tracing::warn!(
+                    attempt,
+                    "JetStream consumer info unavailable after a delivery elsewhere"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        self.last_delivery = self.last_delivery.max(consumer_seq);
+    }
+
+    /// Whether the consumer's state could be read; a consumer found deleted
+    /// makes the reader fail until it is opened again. The messages it has
+    /// delivered and that are not acknowledged are handed to `acks` as
+    /// inherited, if given.
+    async fn check(&mut self, acks: Option<&mpsc::UnboundedSender<Settle>>) -> bool {
         use jetstream::context::ConsumerInfoErrorKind as Kind;
         match self.consumer.info().await {
-            Err(e) => self.gone = matches!(e.kind(), Kind::NotFound | Kind::StreamNotFound),
+            Err(e) => {
+                self.gone = matches!(e.kind(), Kind::NotFound | Kind::StreamNotFound);
+                false
+            }
             Ok(info) => {
                 if let Some(acks) = acks {
                     let _ = acks.send(Settle::Inherited(inherited(info)));
                 }
+                true
             }
         }
     }
@@ -840,7 +867,7 @@ impl Bus for NatsBus {
                             tokio::spawn(messages.drain());
                             return;
                         }
-                        m = messages.next(&acks) => m,
+                        m = messages.next() => m,
                     };
                     let m = match next {
                         Ok(m) => {
@@ -869,9 +896,10 @@ impl Bus for NatsBus {
                             continue;
                         }
                     };
-                    let (Some(reply), Ok((seq, delivered))) = (
+                    let (Some(reply), Ok((seq, delivered, consumer_seq))) = (
                         m.message.reply.clone(),
-                        m.info().map(|i| (i.stream_sequence, i.delivered)),
+                        m.info()
+                            .map(|i| (i.stream_sequence, i.delivered, i.consumer_sequence)),
                     ) else {
                         // Every message of a pull consumer carries its ack
                         // subject, with its sequence in it; one that does
@@ -879,6 +907,7 @@ impl Bus for NatsBus {
                         tracing::warn!(subject = %m.subject, "JetStream message without delivery information skipped");
                         continue;
                     };
+                    messages.delivered(consumer_seq, &acks).await;
                     let event = decode(&m.payload);
                     let _ = acks.send(Settle::Delivered(seq));
                     let ack = NatsAck {
@@ -1220,6 +1249,45 @@ mod tests {
         }
         let info = stream.consumer_info(&name).await.unwrap();
         assert_eq!(info.config.ack_policy, consumer::AckPolicy::All);
+    }
+
+    /// A message the consumer delivered elsewhere (here to another
+    /// client's pull request, which never settles it; in the service, a
+    /// request a reader gave up or a stopped reader left open) is not
+    /// acknowledged along with the newer messages this reader settles: it
+    /// comes again after the ack wait.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_message_delivered_elsewhere_is_not_acknowledged_with_later_ones() {
+        let n = NatsServer::start();
+        let settings = NatsBusSettings {
+            ack_wait: Duration::from_secs(2),
+            ..settings()
+        };
+        let b = bus_with(&n, settings.clone()).await;
+        let stream = b.stream("t").await.unwrap();
+        let consumer = consumer_for(&stream, &safe_name("w_", "w1"), &settings, false)
+            .await
+            .unwrap();
+        let mut elsewhere = consumer
+            .batch()
+            .max_messages(1)
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut s = b.subscribe(&["t".into()], "w1").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        b.publish("t", suite::ev(1)).await.unwrap();
+        let taken = tokio::time::timeout(Duration::from_secs(10), elsewhere.next())
+            .await
+            .expect("the older request gets the first message")
+            .unwrap()
+            .unwrap();
+        assert_eq!(suite::ev_data(&taken.payload), Some(1));
+        b.publish("t", suite::ev(2)).await.unwrap();
+        suite::take(&mut s.receiver, 2, Ack::Done).await;
+        suite::take(&mut s.receiver, 1, Ack::Done).await;
     }
 
     /// Messages done but not acknowledged when their reader stopped (an
