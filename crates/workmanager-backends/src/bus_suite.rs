@@ -16,11 +16,6 @@ pub(crate) fn ev(n: u64) -> CloudEvent {
     }))
 }
 
-/// The `data` of an event's JSON, as `ev` made it.
-pub(crate) fn ev_data(json: &[u8]) -> Option<u64> {
-    serde_json::from_slice::<serde_json::Value>(json).ok()?["data"].as_u64()
-}
-
 async fn next(rx: &mut tokio::sync::mpsc::Receiver<workmanager_core::bus::Delivery>) -> u64 {
     let d = tokio::time::timeout(Duration::from_secs(10), rx.recv())
         .await

@@ -281,9 +281,9 @@ fn retry_delay(delivered: i64, ack_wait: Duration) -> Duration {
 /// a backend is failing; a worker's own failures are retried and
 /// dead-lettered by the dispatcher and settle as done).
 ///
-/// Messages an earlier reader of the consumer took and left unsettled
-/// (`inherited`: it stopped, or its instance died) are open from the start,
-/// so nothing is acknowledged past them before they come again and are
+/// Messages an earlier reader of the consumer took and left unsettled, or
+/// that the consumer delivered elsewhere (`Settle::Inherited`), are open
+/// too, so nothing is acknowledged past them before they come again and are
 /// done. Those that have not come again after twice the ack wait are no
 /// longer pending at the server (another reader settled them, or they were
 /// deleted from the stream), and stop holding the others.
@@ -291,13 +291,12 @@ async fn ack_task(
     client: async_nats::Client,
     mut rx: mpsc::UnboundedReceiver<Settle>,
     ack_wait: Duration,
-    inherited: std::ops::Range<u64>,
 ) {
     // Delivered, unacknowledged messages by stream sequence; `Some` once done.
     let mut open: std::collections::BTreeMap<u64, Option<Held>> = std::collections::BTreeMap::new();
     // Inherited messages not delivered again yet, and when they stop holding.
     let mut unseen = std::collections::BTreeSet::new();
-    let mut given_up = inherit(&mut open, &mut unseen, inherited, ack_wait);
+    let mut given_up = tokio::time::Instant::now();
     let keep_alive = (ack_wait / 3).max(Duration::from_millis(100));
     let mut tick = tokio::time::interval(keep_alive);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -502,15 +501,16 @@ async fn ensure_stream(
 /// Failed reads in a row after which a consumer is opened again.
 const REOPEN_AFTER_FAILURES: u32 = 3;
 
-/// The ack task of one opening of `consumer` (see `ack_task`).
+/// The ack task of one opening of `consumer` (see `ack_task`), told first
+/// what an earlier reader left unsettled.
 fn spawn_ack_task(
     client: &async_nats::Client,
     ack_wait: Duration,
     consumer: &consumer::PullConsumer,
 ) -> mpsc::UnboundedSender<Settle> {
     let (acks, ack_rx) = mpsc::unbounded_channel();
-    let inherited = inherited(consumer.cached_info());
-    tokio::spawn(ack_task(client.clone(), ack_rx, ack_wait, inherited));
+    let _ = acks.send(Settle::Inherited(inherited(consumer.cached_info())));
+    tokio::spawn(ack_task(client.clone(), ack_rx, ack_wait));
     acks
 }
 
@@ -1284,7 +1284,8 @@ mod tests {
             .expect("the older request gets the first message")
             .unwrap()
             .unwrap();
-        assert_eq!(suite::ev_data(&taken.payload), Some(1));
+        let taken = decode(&taken.payload).expect("an event");
+        assert_eq!(taken.0["data"], serde_json::json!(1));
         b.publish("t", suite::ev(2)).await.unwrap();
         suite::take(&mut s.receiver, 2, Ack::Done).await;
         suite::take(&mut s.receiver, 1, Ack::Done).await;
