@@ -10,6 +10,10 @@
 //!   message over, and `XACK`s it once the dispatcher settled it (processed
 //!   or dead-lettered). Messages left pending — their consumer died — are
 //!   taken over with `XAUTOCLAIM` after `Redis:VisibilityTimeoutSeconds`.
+//!   Each instance is one consumer in every group: what an earlier reader
+//!   of this instance left unsettled (its worker was updated or restarted,
+//!   or the instance restarted) comes again at once, read from the
+//!   consumer's own pending list when the group's next reader here starts.
 //! - Duplicates: an event (source and id) already seen by the group within
 //!   `Redis:DedupWindowSeconds` is acknowledged and skipped (one transaction per
 //!   read, sets per time bucket), so an event published twice — a
@@ -166,6 +170,19 @@ fn stream_entry(v: &redis::Value) -> Option<(String, Option<CloudEvent>)> {
     Some((id, event))
 }
 
+/// The entries of one stream in a reply.
+fn entries_of(stream: &Arc<str>, topic: &Arc<str>, raw: &[redis::Value]) -> Vec<Entry> {
+    raw.iter()
+        .filter_map(stream_entry)
+        .map(|(id, event)| Entry {
+            stream: stream.clone(),
+            topic: topic.clone(),
+            id,
+            event,
+        })
+        .collect()
+}
+
 /// Acknowledges one message once the dispatcher settled it: the id goes to
 /// the group's ack task, which sends many in one `XACK`.
 struct StreamAck {
@@ -245,6 +262,13 @@ struct Reader {
 
 impl Reader {
     async fn run(mut self) {
+        // What this instance's consumer of the group still holds comes
+        // first, at once: an earlier reader here stopped with messages
+        // taken and not settled (its worker was updated, restarted or
+        // stopped past its drain timeout, or the instance restarted).
+        if !self.take_back_own().await {
+            return;
+        }
         // The first look comes at once: a reader that starts because its
         // worker was taken over from a dead instance finds that instance's
         // pending messages already past the visibility timeout.
@@ -280,14 +304,7 @@ impl Reader {
                         let Some((stream, topic)) = self.topic_of(key) else {
                             continue;
                         };
-                        entries.extend(ids.iter().filter_map(stream_entry).map(|(id, event)| {
-                            Entry {
-                                stream: stream.clone(),
-                                topic: topic.clone(),
-                                id,
-                                event,
-                            }
-                        }));
+                        entries.extend(entries_of(&stream, &topic, ids));
                     }
                     // The raw reply (a few hundred KB) is not kept across
                     // the hand-over's waits.
@@ -350,29 +367,80 @@ impl Reader {
                     Some(redis::Value::Array(c)) => c.as_slice(),
                     _ => &[],
                 };
-                let mut entries: Vec<Entry> = claimed
-                    .iter()
-                    .filter_map(stream_entry)
-                    .map(|(id, event)| Entry {
-                        stream: stream.clone(),
-                        topic: topic.clone(),
-                        event,
-                        id,
-                    })
-                    .collect();
-                if self.settings.max_deliver > 0 && !entries.is_empty() {
-                    let worn = self.delivered_too_often(&stream, &entries).await;
-                    if !worn.is_empty() {
-                        entries.retain(|e| !worn.contains(&e.id));
-                        self.dead_letter(&stream, &topic, worn).await;
-                    }
-                }
-                if !self.deliver(entries, false).await {
+                let entries = entries_of(&stream, &topic, claimed);
+                if !self.take_over(&stream, &topic, entries).await {
                     return false;
                 }
             }
         }
         true
+    }
+
+    /// Reads this consumer's own pending messages (`XREADGROUP` from id 0:
+    /// what an earlier reader with this instance's consumer name took and
+    /// did not settle) and hands them over again. Without this they would
+    /// wait for the visibility timeout like a dead consumer's. False:
+    /// consumer gone.
+    async fn take_back_own(&mut self) -> bool {
+        let mut from = vec!["0".to_string(); self.topics.len()];
+        loop {
+            let keys: Vec<&str> = self.topics.iter().map(|(s, _)| &**s).collect();
+            let mut read = redis::cmd("XREADGROUP");
+            read.arg("GROUP")
+                .arg(&self.group)
+                .arg(&self.settings.consumer)
+                .arg("COUNT")
+                .arg(READ_COUNT)
+                .arg("STREAMS")
+                .arg(&keys)
+                .arg(&from);
+            let reply: redis::Value = match read.query_async(&mut self.conn).await {
+                Ok(r) => r,
+                Err(e) => {
+                    // The regular reads deal with a missing group or an
+                    // absent server; what is left pending is taken over
+                    // after the visibility timeout.
+                    tracing::debug!(error = %e, group = %self.group, "reading the consumer's pending messages failed");
+                    return true;
+                }
+            };
+            let mut taken = Vec::new();
+            for (key, ids) in reply_streams(&reply) {
+                let Some(i) = self.topics.iter().position(|(s, _)| s.as_bytes() == key) else {
+                    continue;
+                };
+                let (stream, topic) = &self.topics[i];
+                let entries = entries_of(stream, topic, ids);
+                if let Some(last) = entries.last() {
+                    from[i] = last.id.clone();
+                    taken.push((stream.clone(), topic.clone(), entries));
+                }
+            }
+            drop(reply);
+            if taken.is_empty() {
+                return true;
+            }
+            for (stream, topic, entries) in taken {
+                if !self.take_over(&stream, &topic, entries).await {
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// Hands over messages taken over from an earlier consumer (a dead
+    /// one's, or an earlier reader's of this one), after moving those
+    /// delivered more than `Redis:MaxDeliver` times to the dead-letter
+    /// topic. False: consumer gone.
+    async fn take_over(&mut self, stream: &str, topic: &str, mut entries: Vec<Entry>) -> bool {
+        if self.settings.max_deliver > 0 && !entries.is_empty() {
+            let worn = self.delivered_too_often(stream, &entries).await;
+            if !worn.is_empty() {
+                entries.retain(|e| !worn.contains(&e.id));
+                self.dead_letter(stream, topic, worn).await;
+            }
+        }
+        self.deliver(entries, false).await
     }
 
     /// Ids among freshly claimed `entries` whose delivery count passed
@@ -696,8 +764,9 @@ impl Bus for RedisBus {
 
     async fn unsubscribe(&self, _topics: &[String], group: &str) {
         // The reader stops; what it already handed over is drained by the
-        // dispatcher; anything unacknowledged stays pending in the stream
-        // for the next consumer of the group.
+        // dispatcher; anything unacknowledged stays pending in the stream:
+        // the group's next reader on this instance reads it at once, one
+        // elsewhere after the visibility timeout.
         self.readers.stop_group(group);
     }
 
@@ -850,6 +919,9 @@ mod tests {
         suite::a_removed_group_starts_afresh(&bus(&r, "i1").await).await;
     }
 
+    /// With a visibility timeout longer than the suite waits for a
+    /// message: what the stopped reader had taken comes to the next reader
+    /// of this instance at once, not after the timeout.
     #[tokio::test(flavor = "multi_thread")]
     async fn a_stopped_readers_messages_come_to_the_next_one() {
         let r = RedisServer::start();
@@ -857,6 +929,7 @@ mod tests {
             &r.url(),
             RedisBusSettings {
                 capacity: 1,
+                visibility_timeout: Duration::from_secs(60),
                 ..settings("i1")
             },
         )
@@ -972,6 +1045,46 @@ mod tests {
             "not delivered a third time"
         );
         assert_eq!(seen, 2);
+    }
+
+    /// An instance that restarts (same consumer name) gets what it had
+    /// taken at once, well before the visibility timeout, and each such
+    /// delivery counts toward `Redis:MaxDeliver`.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_message_an_instance_keeps_dying_on_comes_back_at_once_then_goes_to_the_dead_letter_topic(
+    ) {
+        let r = RedisServer::start();
+        let restarting = || RedisBusSettings {
+            max_deliver: 2,
+            visibility_timeout: Duration::from_secs(60),
+            ..settings("i1")
+        };
+        for delivery in 1..=2 {
+            let b = RedisBus::connect(&r.url(), restarting()).await.unwrap();
+            let mut s = b.subscribe(&["t".into()], "w1").await.unwrap();
+            if delivery == 1 {
+                b.publish("t", suite::ev(7)).await.unwrap();
+            }
+            let d = recv(&mut s.receiver).await;
+            assert_eq!(
+                d.event.0["data"],
+                serde_json::json!(7),
+                "delivery {delivery}"
+            );
+            // The instance dies with it unsettled.
+            std::mem::forget(d);
+            b.unsubscribe(&["t".into()], "w1").await;
+        }
+        let b = RedisBus::connect(&r.url(), restarting()).await.unwrap();
+        let mut dead = b.subscribe(&["t-dead".into()], "dlq").await.unwrap();
+        let mut s = b.subscribe(&["t".into()], "w1").await.unwrap();
+        suite::take_dead_letter(&mut dead.receiver, 7, "Redis:MaxDeliver", "w1").await;
+        assert!(
+            tokio::time::timeout(Duration::from_secs(3), s.receiver.recv())
+                .await
+                .is_err(),
+            "not delivered a third time"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread")]
