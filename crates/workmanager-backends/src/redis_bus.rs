@@ -283,18 +283,7 @@ impl Reader {
                     return;
                 }
             }
-            let keys: Vec<&str> = self.topics.iter().map(|(s, _)| &**s).collect();
-            let mut read = redis::cmd("XREADGROUP");
-            read.arg("GROUP")
-                .arg(&self.group)
-                .arg(&self.settings.consumer)
-                .arg("COUNT")
-                .arg(READ_COUNT)
-                .arg("BLOCK")
-                .arg(BLOCK.as_millis() as u64)
-                .arg("STREAMS")
-                .arg(&keys)
-                .arg(vec![">"; keys.len()]);
+            let read = self.read_cmd(&vec![">"; self.topics.len()], Some(BLOCK));
             let reply: redis::RedisResult<redis::Value> = read.query_async(&mut self.conn).await;
             match reply {
                 Ok(redis::Value::Nil) => {}
@@ -336,6 +325,25 @@ impl Reader {
                 }
             }
         }
+    }
+
+    /// `XREADGROUP` as this instance's consumer of the group, on every
+    /// topic's stream from its id in `from` (`>`: messages never delivered
+    /// to the group; an id: this consumer's pending ones after it),
+    /// waiting up to `block` for a message.
+    fn read_cmd(&self, from: &[impl redis::ToRedisArgs], block: Option<Duration>) -> redis::Cmd {
+        let keys: Vec<&str> = self.topics.iter().map(|(s, _)| &**s).collect();
+        let mut read = redis::cmd("XREADGROUP");
+        read.arg("GROUP")
+            .arg(&self.group)
+            .arg(&self.settings.consumer)
+            .arg("COUNT")
+            .arg(READ_COUNT);
+        if let Some(block) = block {
+            read.arg("BLOCK").arg(block.as_millis() as u64);
+        }
+        read.arg("STREAMS").arg(&keys).arg(from);
+        read
     }
 
     fn topic_of(&self, stream: &[u8]) -> Option<(Arc<str>, Arc<str>)> {
@@ -384,16 +392,7 @@ impl Reader {
     async fn take_back_own(&mut self) -> bool {
         let mut from = vec!["0".to_string(); self.topics.len()];
         loop {
-            let keys: Vec<&str> = self.topics.iter().map(|(s, _)| &**s).collect();
-            let mut read = redis::cmd("XREADGROUP");
-            read.arg("GROUP")
-                .arg(&self.group)
-                .arg(&self.settings.consumer)
-                .arg("COUNT")
-                .arg(READ_COUNT)
-                .arg("STREAMS")
-                .arg(&keys)
-                .arg(&from);
+            let read = self.read_cmd(&from, None);
             let reply: redis::Value = match read.query_async(&mut self.conn).await {
                 Ok(r) => r,
                 Err(e) => {
