@@ -1,11 +1,12 @@
 //! The NATS JetStream bus (`PubSub:Type=nats`): a stream per topic (subject
 //! `workmanager.topic.<topic>`), a durable pull consumer per worker and
 //! topic (so each worker gets each message once, whichever instance hosts
-//! it), acknowledged once the dispatcher settled it — cumulatively, one ack
-//! per burst of settled messages (`ack_task`) — redelivery after `ack_wait`,
-//! a retry as a NAK with a growing delay, and a message delivered more than
-//! `max_deliver` times moved to `{topic}-dead`. The client reconnects by
-//! itself. Observers use a core-NATS subscription on the same subject.
+//! it), read in bursts of stored messages (`reader`), acknowledged once the
+//! dispatcher settled it — cumulatively, one ack per burst of settled
+//! messages (`acks`) — redelivery after `ack_wait`, a retry as a NAK with a
+//! growing delay, and a message delivered more than `max_deliver` times
+//! moved to `{topic}-dead`. The client reconnects by itself. Observers use
+//! a core-NATS subscription on the same subject.
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +19,12 @@ use workmanager_core::bus::{dead_letter_topic, Ack, Acker, Bus, BusError, Delive
 use workmanager_core::CloudEvent;
 
 use crate::readers::{GroupHandle, Readers};
+
+mod acks;
+mod reader;
+
+use acks::{spawn_ack_task, NatsAck};
+use reader::Reader;
 
 #[derive(Debug, Clone)]
 pub struct NatsBusSettings {
@@ -201,269 +208,6 @@ impl From<jetstream::context::PublishError> for Failed {
     }
 }
 
-/// What a consumer's ack task learns, in the order it happened.
-enum Settle {
-    /// Messages this consumer delivered that the task may not know of
-    /// (see `inherited`): nothing is acknowledged past them until they
-    /// come again.
-    Inherited(std::ops::Range<u64>),
-    /// A message is about to be handed to the dispatcher. Sent before the
-    /// handover, so it always precedes the message's settlement.
-    Delivered(u64),
-    /// The dispatcher settled the message with this stream sequence.
-    Settled {
-        seq: u64,
-        delivered: i64,
-        /// The message's ack subject.
-        reply: async_nats::Subject,
-        outcome: Ack,
-    },
-}
-
-/// Settles one message through its consumer's ack task. A delivery dropped
-/// unsettled (its worker stopped with it still queued) is handed back, so
-/// the server delivers it again soon.
-struct NatsAck {
-    seq: u64,
-    delivered: i64,
-    reply: std::sync::Mutex<Option<async_nats::Subject>>,
-    tx: mpsc::UnboundedSender<Settle>,
-}
-
-impl NatsAck {
-    fn settle(&self, outcome: Ack) {
-        let taken = self.reply.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(reply) = taken {
-            let _ = self.tx.send(Settle::Settled {
-                seq: self.seq,
-                delivered: self.delivered,
-                reply,
-                outcome,
-            });
-        }
-    }
-}
-
-impl Acker for NatsAck {
-    fn ack(&self, outcome: Ack) {
-        self.settle(outcome);
-    }
-}
-
-impl Drop for NatsAck {
-    fn drop(&mut self) {
-        self.settle(Ack::Retry);
-    }
-}
-
-/// How soon a message handed back for a retry is delivered again: one
-/// second, doubling with each delivery up to `ack_wait`, so that a long
-/// outage of what the worker needs does not use up `Nats:MaxDeliver` in
-/// seconds.
-fn retry_delay(delivered: i64, ack_wait: Duration) -> Duration {
-    let doublings = delivered.clamp(1, 16) as u32 - 1;
-    (RETRY_DELAY * 2u32.pow(doublings)).min(ack_wait.max(RETRY_DELAY))
-}
-
-/// Sends a consumer's acknowledgements until every sender is gone.
-///
-/// Consumers use `AckPolicy::All`: acknowledging a message acknowledges
-/// every earlier one, so one ack covers a whole burst of settled messages
-/// (per-message acks cost the server about a third of its time per message,
-/// BENCHMARKS.md). The task therefore tracks every delivered, unacknowledged
-/// stream sequence and acknowledges only up to the first one not yet done:
-/// a message handed back for a retry, or still being processed, holds the
-/// acknowledgement of everything after it until it is done itself. Messages
-/// held that way are kept alive with progress acks (`+WPI`), so the server
-/// does not deliver them again after `ack_wait` while they wait. The cost:
-/// while one message waits for its retry, the consumer delivers at most the
-/// server's `max_ack_pending` messages beyond it (retries only happen while
-/// a backend is failing; a worker's own failures are retried and
-/// dead-lettered by the dispatcher and settle as done).
-///
-/// Messages an earlier reader of the consumer took and left unsettled, or
-/// that the consumer delivered elsewhere (`Settle::Inherited`), are open
-/// too, so nothing is acknowledged past them before they come again and are
-/// done. Those that have not come again after twice the ack wait are no
-/// longer pending at the server (another reader settled them, or they were
-/// deleted from the stream), and stop holding the others.
-async fn ack_task(
-    client: async_nats::Client,
-    mut rx: mpsc::UnboundedReceiver<Settle>,
-    ack_wait: Duration,
-) {
-    // Delivered, unacknowledged messages by stream sequence; `Some` once done.
-    let mut open: std::collections::BTreeMap<u64, Option<Held>> = std::collections::BTreeMap::new();
-    // Inherited messages not delivered again yet, and when they stop holding.
-    let mut unseen = std::collections::BTreeSet::new();
-    let mut given_up = tokio::time::Instant::now();
-    let keep_alive = (ack_wait / 3).max(Duration::from_millis(100));
-    let mut tick = tokio::time::interval(keep_alive);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        let first = tokio::select! {
-            s = rx.recv() => match s {
-                Some(s) => s,
-                None => {
-                    // Every delivery is settled or handed back. What is done
-                    // but could not be acknowledged (an earlier message was
-                    // handed back) would come again after the ack wait: it
-                    // comes at once instead, and holds the next reader's
-                    // acknowledgements no longer (see `inherited`).
-                    for held in open.into_values().flatten() {
-                        let nak = jetstream::AckKind::Nak(None);
-                        if let Err(e) = client.publish(held.reply, nak.into()).await {
-                            tracing::debug!(error = %e, "JetStream NAK failed");
-                        }
-                    }
-                    return;
-                }
-            },
-            _ = tick.tick() => {
-                if !unseen.is_empty() && tokio::time::Instant::now() >= given_up {
-                    for seq in std::mem::take(&mut unseen) {
-                        open.remove(&seq);
-                    }
-                    ack_settled(&client, &mut open).await;
-                }
-                keep_held_alive(&client, &mut open, keep_alive).await;
-                continue;
-            }
-        };
-        let mut next = Some(first);
-        let mut n = 0;
-        while let Some(s) = next {
-            match s {
-                Settle::Inherited(seqs) => {
-                    given_up = inherit(&mut open, &mut unseen, seqs, ack_wait);
-                }
-                Settle::Delivered(seq) => {
-                    unseen.remove(&seq);
-                    open.insert(seq, None);
-                }
-                Settle::Settled {
-                    seq,
-                    reply,
-                    outcome: Ack::Done,
-                    ..
-                } => {
-                    if let Some(slot) = open.get_mut(&seq) {
-                        *slot = Some(Held {
-                            reply,
-                            since: tokio::time::Instant::now(),
-                        });
-                    }
-                }
-                Settle::Settled {
-                    seq,
-                    delivered,
-                    reply,
-                    outcome: Ack::Retry,
-                } => {
-                    if let Some(slot) = open.get_mut(&seq) {
-                        *slot = None;
-                    }
-                    let nak = jetstream::AckKind::Nak(Some(retry_delay(delivered, ack_wait)));
-                    if let Err(e) = client.publish(reply, nak.into()).await {
-                        tracing::warn!(error = %e, "JetStream NAK failed; the message comes back after Nats:AckWaitSeconds");
-                    }
-                }
-            }
-            n += 1;
-            next = if n < 4096 { rx.try_recv().ok() } else { None };
-        }
-        ack_settled(&client, &mut open).await;
-    }
-}
-
-/// Opens the inherited `seqs` the task does not know of yet; they hold
-/// acknowledgements until they come again, or until the returned instant:
-/// by then the server has delivered again every one still pending.
-fn inherit(
-    open: &mut std::collections::BTreeMap<u64, Option<Held>>,
-    unseen: &mut std::collections::BTreeSet<u64>,
-    seqs: std::ops::Range<u64>,
-    ack_wait: Duration,
-) -> tokio::time::Instant {
-    for seq in seqs {
-        if let std::collections::btree_map::Entry::Vacant(slot) = open.entry(seq) {
-            slot.insert(None);
-            unseen.insert(seq);
-        }
-    }
-    tokio::time::Instant::now() + ack_wait * 2 + Duration::from_secs(1)
-}
-
-/// Acknowledges the settled messages up to the first one not yet done.
-async fn ack_settled(
-    client: &async_nats::Client,
-    open: &mut std::collections::BTreeMap<u64, Option<Held>>,
-) {
-    let mut last = None;
-    while let Some(entry) = open.first_entry() {
-        if entry.get().is_none() {
-            break;
-        }
-        last = entry.remove();
-    }
-    if let Some(held) = last {
-        let ack = jetstream::AckKind::Ack;
-        if let Err(e) = client.publish(held.reply, ack.into()).await {
-            tracing::warn!(error = %e, "JetStream ack failed; those messages will be redelivered");
-        }
-    }
-}
-
-/// The stream sequences an earlier reader of the consumer took and did not
-/// acknowledge (`num_ack_pending` of them, all above the ack floor and at
-/// most the last delivered one, as acks are cumulative). The server
-/// delivers them again after their ack wait; meanwhile, an ack for a newer
-/// message would acknowledge them too, unprocessed. At most
-/// `MAX_INHERITED` of them are guarded: more would mean messages deleted
-/// from the stream under a consumer that lagged that far behind.
-fn inherited(info: &consumer::Info) -> std::ops::Range<u64> {
-    let (floor, last) = (
-        info.ack_floor.stream_sequence,
-        info.delivered.stream_sequence,
-    );
-    if info.num_ack_pending == 0 || last <= floor {
-        return 0..0;
-    }
-    (floor + 1).max(last.saturating_sub(MAX_INHERITED - 1))..last.saturating_add(1)
-}
-
-/// The most sequences a reader guards for an earlier one (see `inherited`).
-const MAX_INHERITED: u64 = 100_000;
-
-/// A settled message whose acknowledgement waits for an earlier one.
-struct Held {
-    reply: async_nats::Subject,
-    /// Settled, or last kept alive, at.
-    since: tokio::time::Instant,
-}
-
-/// Sends a progress ack for every settled message that has waited
-/// `keep_alive` since it was settled or last kept alive.
-async fn keep_held_alive(
-    client: &async_nats::Client,
-    open: &mut std::collections::BTreeMap<u64, Option<Held>>,
-    keep_alive: Duration,
-) {
-    let now = tokio::time::Instant::now();
-    for held in open.values_mut().flatten() {
-        if now.duration_since(held.since) >= keep_alive {
-            held.since = now;
-            let progress = jetstream::AckKind::Progress;
-            if let Err(e) = client.publish(held.reply.clone(), progress.into()).await {
-                tracing::debug!(error = %e, "JetStream progress ack failed");
-            }
-        }
-    }
-}
-
-/// How soon a message handed back for a retry is delivered again, at first.
-const RETRY_DELAY: Duration = Duration::from_secs(1);
-
 /// The topic's stream, created if missing. A stream whose duplicate window
 /// is not `Nats:DedupWindowSeconds` (made by an older version, or before
 /// the setting changed) is updated to it.
@@ -501,19 +245,6 @@ async fn ensure_stream(
 /// Failed reads in a row after which a consumer is opened again.
 const REOPEN_AFTER_FAILURES: u32 = 3;
 
-/// The ack task of one opening of `consumer` (see `ack_task`), told first
-/// what an earlier reader left unsettled.
-fn spawn_ack_task(
-    client: &async_nats::Client,
-    ack_wait: Duration,
-    consumer: &consumer::PullConsumer,
-) -> mpsc::UnboundedSender<Settle> {
-    let (acks, ack_rx) = mpsc::unbounded_channel();
-    let _ = acks.send(Settle::Inherited(inherited(consumer.cached_info())));
-    tokio::spawn(ack_task(client.clone(), ack_rx, ack_wait));
-    acks
-}
-
 /// Opens a consumer's messages again, after its reads kept failing: the
 /// server was away, or the consumer or its stream was deleted. The stream
 /// is made again if it is gone. A durable consumer that still exists
@@ -541,196 +272,6 @@ async fn reopen(
     }
     *made = now;
     Ok((consumer, messages))
-}
-
-/// Reads a pull consumer in bursts: one request asks for up to `FETCH`
-/// messages that are already stored (`no_wait`), and the next request
-/// follows as soon as it is answered. A stream found drained while messages
-/// are flowing is asked again `LINGER` later, so messages arrive in bursts;
-/// after a quiet spell one request waits at the server for the next
-/// message, which is delivered as soon as it is stored.
-///
-/// Bursts are what make JetStream cheap: a message delivered alone, the
-/// moment it is stored, cost the server ~30 µs and the service ~29 µs of
-/// CPU; in bursts ~21 µs each (BENCHMARKS.md).
-struct Reader {
-    consumer: consumer::PullConsumer,
-    /// The request being answered, and when it is given up if the server
-    /// never ends it (a restarted server forgets its requests): one timer
-    /// per request, not per message.
-    batch: Option<consumer::pull::Batch>,
-    give_up: std::pin::Pin<Box<tokio::time::Sleep>>,
-    /// Whether the current request waits at the server (the stream was
-    /// drained), whether it was sent after `LINGER`, and what it brought.
-    waiting: bool,
-    lingered: bool,
-    got: usize,
-    asked_at: tokio::time::Instant,
-    /// The consumer was found deleted: every read fails, so the reader
-    /// opens it again.
-    gone: bool,
-    /// The consumer sequence of the last delivery this reader knows of.
-    last_delivery: u64,
-}
-
-/// Messages asked for by one request.
-const FETCH: usize = 256;
-/// How long a reader waits before asking a drained stream again while
-/// messages are flowing (the most this adds to a message's latency).
-const LINGER: Duration = Duration::from_millis(1);
-/// How long a request waits at the server for the next message.
-const WAIT: Duration = Duration::from_secs(5);
-
-impl Reader {
-    fn new(consumer: consumer::PullConsumer) -> Reader {
-        Reader {
-            last_delivery: consumer.cached_info().delivered.consumer_sequence,
-            consumer,
-            batch: None,
-            give_up: Box::pin(tokio::time::sleep(Duration::ZERO)),
-            // As if a message had just come: the first request asks for
-            // what is stored.
-            waiting: true,
-            lingered: false,
-            got: 1,
-            asked_at: tokio::time::Instant::now(),
-            gone: false,
-        }
-    }
-
-    /// The next message of the consumer. Only the reader's stop cancels
-    /// this, and drops the reader.
-    async fn next(&mut self) -> Result<jetstream::Message, BusError> {
-        loop {
-            if self.gone {
-                return Err(BusError::Unavailable(
-                    "the JetStream consumer is gone".into(),
-                ));
-            }
-            if let Some(batch) = self.batch.as_mut() {
-                let answer = tokio::select! {
-                    m = batch.next() => Ok(m),
-                    _ = &mut self.give_up => Err(()),
-                };
-                match answer {
-                    Ok(Some(Ok(m))) => {
-                        self.got += 1;
-                        return Ok(m);
-                    }
-                    Ok(Some(Err(e))) => {
-                        self.batch = None;
-                        return Err(unavailable(e));
-                    }
-                    Ok(None) => {
-                        self.batch = None;
-                        // A wait that ended with nothing well before its
-                        // time: the consumer may have been deleted (with its
-                        // stream), which the server does not say.
-                        let quiet = self.waiting && self.got == 0;
-                        if quiet && self.asked_at.elapsed() < WAIT / 2 {
-                            self.check(None).await;
-                        }
-                    }
-                    Err(()) => {
-                        // Never answered: the server lost the request (it
-                        // restarted), or the consumer is gone. An answer
-                        // that comes after all is lost with the request
-                        // (see `delivered`).
-                        self.batch = None;
-                        self.check(None).await;
-                    }
-                }
-            }
-            self.ask().await?;
-        }
-    }
-
-    /// Hands back what the current request still brings, after the reader
-    /// stopped: those messages come again at once to the next reader of
-    /// the consumer, instead of after their ack wait.
-    async fn drain(mut self) {
-        let Some(mut batch) = self.batch.take() else {
-            return;
-        };
-        let give_up = self.give_up.deadline();
-        while let Ok(Some(Ok(m))) = tokio::time::timeout_at(give_up, batch.next()).await {
-            if let Err(e) = m.ack_with(jetstream::AckKind::Nak(None)).await {
-                tracing::debug!(error = %e, "JetStream NAK failed");
-            }
-        }
-    }
-
-    /// Notes the consumer sequence of a message this reader got, before it
-    /// is handed over. A jump means the consumer delivered messages in
-    /// between elsewhere: to a request this reader gave up, or one a
-    /// stopped reader left open at the server. Those messages are handed
-    /// to `acks` as inherited first, so that acknowledging this one or a
-    /// later one never acknowledges them unprocessed.
-    async fn delivered(&mut self, consumer_seq: u64, acks: &mpsc::UnboundedSender<Settle>) {
-        if consumer_seq > self.last_delivery.saturating_add(1) {
-            for attempt in 1..=3 {
-                if self.check(Some(acks)).await {
-                    break;
-                }
-                tracing::warn!(
-                    attempt,
-                    "JetStream consumer info unavailable after a delivery elsewhere"
-                );
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-        self.last_delivery = self.last_delivery.max(consumer_seq);
-    }
-
-    /// Whether the consumer's state could be read; a consumer found deleted
-    /// makes the reader fail until it is opened again. The messages it has
-    /// delivered and that are not acknowledged are handed to `acks` as
-    /// inherited, if given.
-    async fn check(&mut self, acks: Option<&mpsc::UnboundedSender<Settle>>) -> bool {
-        use jetstream::context::ConsumerInfoErrorKind as Kind;
-        match self.consumer.info().await {
-            Err(e) => {
-                self.gone = matches!(e.kind(), Kind::NotFound | Kind::StreamNotFound);
-                false
-            }
-            Ok(info) => {
-                if let Some(acks) = acks {
-                    let _ = acks.send(Settle::Inherited(inherited(info)));
-                }
-                true
-            }
-        }
-    }
-
-    /// Sends the next request: for stored messages while they flow (after
-    /// `LINGER` if the last request found none), else one that waits.
-    async fn ask(&mut self) -> Result<(), BusError> {
-        let (wait, linger) = match (self.waiting, self.got > 0) {
-            // A message came, or the stored ones did: ask for more at once.
-            (_, true) => (false, false),
-            // The wait ended with nothing: wait again.
-            (true, false) => (true, false),
-            // None were stored: ask once more a little later, then wait.
-            (false, false) => (self.lingered, !self.lingered),
-        };
-        if linger {
-            tokio::time::sleep(LINGER).await;
-        }
-        (self.waiting, self.lingered, self.got) = (wait, linger, 0);
-        let batch = if wait {
-            let request = self.consumer.batch().max_messages(1).expires(WAIT);
-            request.messages().await
-        } else {
-            self.consumer.fetch().max_messages(FETCH).messages().await
-        };
-        self.asked_at = tokio::time::Instant::now();
-        // A stored-messages request is answered at once.
-        let answer_within = if wait { WAIT } else { Duration::ZERO };
-        let give_up = self.asked_at + answer_within + Duration::from_secs(2);
-        self.give_up.as_mut().reset(give_up);
-        self.batch = Some(batch.map_err(unavailable)?);
-        Ok(())
-    }
 }
 
 /// The group's durable consumer `name` on `stream`, made if absent: with
@@ -909,13 +450,7 @@ impl Bus for NatsBus {
                     };
                     messages.delivered(consumer_seq, &acks).await;
                     let event = decode(&m.payload);
-                    let _ = acks.send(Settle::Delivered(seq));
-                    let ack = NatsAck {
-                        seq,
-                        delivered,
-                        reply: std::sync::Mutex::new(Some(reply)),
-                        tx: acks.clone(),
-                    };
+                    let ack = NatsAck::handing_over(seq, delivered, reply, &acks);
                     let Some(event) = event else {
                         tracing::warn!(topic = %topic, seq, "unreadable JetStream message acknowledged and skipped");
                         ack.ack(Ack::Done);
@@ -1354,15 +889,6 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-    }
-
-    #[test]
-    fn retries_back_off_up_to_the_ack_wait() {
-        let wait = Duration::from_secs(60);
-        assert_eq!(retry_delay(1, wait), Duration::from_secs(1));
-        assert_eq!(retry_delay(3, wait), Duration::from_secs(4));
-        assert_eq!(retry_delay(9, wait), wait);
-        assert_eq!(retry_delay(i64::MAX, wait), wait);
     }
 
     #[test]
