@@ -1011,29 +1011,36 @@ mod tests {
         d.ack(Ack::Done);
     }
 
-    #[tokio::test(flavor = "multi_thread")]
-    async fn a_message_its_consumers_keep_dying_on_goes_to_the_dead_letter_topic() {
+    /// Message 7 of worker "w1" is taken by a reader of each of the first
+    /// two `consumers` in turn, which dies with it unsettled; the reader of
+    /// the third finds it delivered twice (`Redis:MaxDeliver` 2) and moves
+    /// it to the dead-letter topic instead of delivering it.
+    async fn taken_twice_then_dead_lettered(consumers: [&str; 3], visibility_timeout: Duration) {
         let r = RedisServer::start();
         let strict = |consumer: &str| RedisBusSettings {
             max_deliver: 2,
+            visibility_timeout,
             ..settings(consumer)
         };
-        let mut seen = 0;
-        // Two consumers in turn take the message and die on it.
-        for name in ["i1", "i2"] {
+        for (i, name) in consumers[..2].iter().enumerate() {
             let b = RedisBus::connect(&r.url(), strict(name)).await.unwrap();
             let mut s = b.subscribe(&["t".into()], "w1").await.unwrap();
-            if name == "i1" {
+            if i == 0 {
                 b.publish("t", suite::ev(7)).await.unwrap();
             }
             let d = recv(&mut s.receiver).await;
-            assert_eq!(d.event.0["data"], serde_json::json!(7));
-            seen += 1;
+            assert_eq!(
+                d.event.0["data"],
+                serde_json::json!(7),
+                "delivery {}",
+                i + 1
+            );
             std::mem::forget(d);
             b.unsubscribe(&["t".into()], "w1").await;
         }
-        // The third taker finds it delivered twice already: dead-lettered.
-        let b = RedisBus::connect(&r.url(), strict("i3")).await.unwrap();
+        let b = RedisBus::connect(&r.url(), strict(consumers[2]))
+            .await
+            .unwrap();
         let mut dead = b.subscribe(&["t-dead".into()], "dlq").await.unwrap();
         let mut s = b.subscribe(&["t".into()], "w1").await.unwrap();
         suite::take_dead_letter(&mut dead.receiver, 7, "Redis:MaxDeliver", "w1").await;
@@ -1043,7 +1050,12 @@ mod tests {
                 .is_err(),
             "not delivered a third time"
         );
-        assert_eq!(seen, 2);
+    }
+
+    /// Two instances in turn take the message over and die on it.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_message_its_consumers_keep_dying_on_goes_to_the_dead_letter_topic() {
+        taken_twice_then_dead_lettered(["i1", "i2", "i3"], Duration::from_secs(1)).await;
     }
 
     /// An instance that restarts (same consumer name) gets what it had
@@ -1052,38 +1064,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn a_message_an_instance_keeps_dying_on_comes_back_at_once_then_goes_to_the_dead_letter_topic(
     ) {
-        let r = RedisServer::start();
-        let restarting = || RedisBusSettings {
-            max_deliver: 2,
-            visibility_timeout: Duration::from_secs(60),
-            ..settings("i1")
-        };
-        for delivery in 1..=2 {
-            let b = RedisBus::connect(&r.url(), restarting()).await.unwrap();
-            let mut s = b.subscribe(&["t".into()], "w1").await.unwrap();
-            if delivery == 1 {
-                b.publish("t", suite::ev(7)).await.unwrap();
-            }
-            let d = recv(&mut s.receiver).await;
-            assert_eq!(
-                d.event.0["data"],
-                serde_json::json!(7),
-                "delivery {delivery}"
-            );
-            // The instance dies with it unsettled.
-            std::mem::forget(d);
-            b.unsubscribe(&["t".into()], "w1").await;
-        }
-        let b = RedisBus::connect(&r.url(), restarting()).await.unwrap();
-        let mut dead = b.subscribe(&["t-dead".into()], "dlq").await.unwrap();
-        let mut s = b.subscribe(&["t".into()], "w1").await.unwrap();
-        suite::take_dead_letter(&mut dead.receiver, 7, "Redis:MaxDeliver", "w1").await;
-        assert!(
-            tokio::time::timeout(Duration::from_secs(3), s.receiver.recv())
-                .await
-                .is_err(),
-            "not delivered a third time"
-        );
+        taken_twice_then_dead_lettered(["i1", "i1", "i1"], Duration::from_secs(60)).await;
     }
 
     #[tokio::test(flavor = "multi_thread")]
