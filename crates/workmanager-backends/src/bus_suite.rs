@@ -1,9 +1,9 @@
-//! The bus contract as tests, run against every bus (embedded and Redis
-//! Streams).
+//! The bus contract as tests, run against every bus (embedded, Redis
+//! Streams, NATS JetStream; some only against the networked ones).
 use std::time::Duration;
 
 use serde_json::json;
-use workmanager_core::bus::{Ack, Bus};
+use workmanager_core::bus::{Ack, Bus, Subscription};
 use workmanager_core::CloudEvent;
 
 /// Event `n`, with an id no other call returns (the networked buses drop
@@ -39,6 +39,51 @@ pub(crate) async fn take(
         .expect("the subscription is open");
     assert_eq!(d.event.0["data"], json!(want));
     d.ack(outcome);
+}
+
+/// For the networked buses: a retried message comes again, after a second
+/// and then two (use an ack wait or visibility timeout longer than the
+/// suite waits, to show it does not wait for that), and so does a delivery
+/// dropped unsettled; messages settled meanwhile are not held up. Returns
+/// worker "w1"'s subscription to topic "t", everything on it settled.
+pub(crate) async fn a_retried_message_comes_again(bus: &dyn Bus) -> Subscription {
+    let mut s = bus.subscribe(&["t".into()], "w1").await.unwrap();
+    for i in 1..=3 {
+        bus.publish("t", ev(i)).await.unwrap();
+    }
+    take(&mut s.receiver, 1, Ack::Retry).await;
+    for want in [2, 3] {
+        take(&mut s.receiver, want, Ack::Done).await;
+    }
+    take(&mut s.receiver, 1, Ack::Retry).await;
+    take(&mut s.receiver, 1, Ack::Done).await;
+    // A delivery dropped unsettled (its worker went away) comes back too.
+    bus.publish("t", ev(4)).await.unwrap();
+    let dropped = tokio::time::timeout(Duration::from_secs(20), s.receiver.recv())
+        .await
+        .expect("a delivery within 20 s");
+    drop(dropped);
+    take(&mut s.receiver, 4, Ack::Done).await;
+    s
+}
+
+/// For the networked buses, with `setting` (their most deliveries of a
+/// message) at 2: a message retried twice goes to the dead-letter topic
+/// and is not delivered a third time.
+pub(crate) async fn a_message_retried_too_often_goes_to_the_dead_letter_topic(
+    bus: &dyn Bus,
+    setting: &str,
+) {
+    let mut dead = bus.subscribe(&["t-dead".into()], "dlq").await.unwrap();
+    let mut s = bus.subscribe(&["t".into()], "w1").await.unwrap();
+    bus.publish("t", ev(7)).await.unwrap();
+    for _ in 0..2 {
+        take(&mut s.receiver, 7, Ack::Retry).await;
+    }
+    take_dead_letter(&mut dead.receiver, 7, setting, "w1").await;
+    bus.publish("t", ev(8)).await.unwrap();
+    // Not delivered a third time: the next delivery is the next message.
+    take(&mut s.receiver, 8, Ack::Done).await;
 }
 
 /// Takes the next delivery from a dead-letter subscription: event `want`,

@@ -3,6 +3,7 @@
 //! and a feed per watched topic whose reader runs while it has observers.
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::{broadcast, mpsc, watch};
 use workmanager_core::bus::Delivery;
@@ -10,6 +11,19 @@ use workmanager_core::CloudEvent;
 
 /// Observer feed size per topic; slower observers skip ahead.
 pub(crate) const WATCH_CAPACITY: usize = 4096;
+
+/// How soon a message handed back for a retry is delivered again, at first.
+const RETRY_DELAY: Duration = Duration::from_secs(1);
+
+/// How soon a message handed back for a retry after its `deliveries`-th
+/// delivery is delivered again: one second, doubling with each delivery up
+/// to `cap` (the bus's ack wait or visibility timeout), so that a long
+/// outage of what the worker needs does not use up the bus's max deliveries
+/// in seconds.
+pub(crate) fn retry_delay(deliveries: u64, cap: Duration) -> Duration {
+    let doublings = deliveries.clamp(1, 16) as u32 - 1;
+    (RETRY_DELAY * 2u32.pow(doublings)).min(cap.max(RETRY_DELAY))
+}
 
 /// A consumer group's reader: how to stop it, and its local queue (whose
 /// fill is the group's queue depth).
@@ -74,5 +88,19 @@ impl Readers {
         feeds.insert(topic.to_string(), tx.clone());
         start(tx);
         rx
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_up_to_the_cap() {
+        let wait = Duration::from_secs(60);
+        assert_eq!(retry_delay(1, wait), Duration::from_secs(1));
+        assert_eq!(retry_delay(3, wait), Duration::from_secs(4));
+        assert_eq!(retry_delay(9, wait), wait);
+        assert_eq!(retry_delay(u64::MAX, wait), wait);
     }
 }

@@ -10,6 +10,9 @@
 //!   message over, and `XACK`s it once the dispatcher settled it (processed
 //!   or dead-lettered). Messages left pending — their consumer died — are
 //!   taken over with `XAUTOCLAIM` after `Redis:VisibilityTimeoutSeconds`.
+//!   A retry (or a delivery dropped unsettled) is made due for that
+//!   takeover sooner: after one second, doubling with its deliveries up to
+//!   the timeout, as on NATS.
 //!   Each instance is one consumer in every group: what an earlier reader
 //!   of this instance left unsettled (its worker was updated or restarted,
 //!   or the instance restarted) comes again at once, read from the
@@ -31,7 +34,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 use workmanager_core::bus::{dead_letter_topic, Ack, Acker, Bus, BusError, Delivery, Subscription};
 use workmanager_core::CloudEvent;
 
-use crate::readers::{GroupHandle, Readers};
+use crate::readers::{retry_delay, GroupHandle, Readers};
 use crate::redis_conn::Healing;
 
 /// Messages read per `XREADGROUP` (the dispatcher then pipelines them to
@@ -39,6 +42,8 @@ use crate::redis_conn::Healing;
 const READ_COUNT: usize = 256;
 /// How long one blocking read waits (also how fast a stop is noticed).
 const BLOCK: Duration = Duration::from_millis(500);
+/// How often a reader looks for retried messages that fell due.
+const RETRY_LOOK: Duration = Duration::from_millis(500);
 /// Connecting, and each non-blocking call of the reconnecting connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -170,7 +175,23 @@ fn stream_entry(v: &redis::Value) -> Option<(String, Option<CloudEvent>)> {
     Some((id, event))
 }
 
-/// The entries of one stream in a reply.
+/// The delivery count in an `XPENDING` reply for one id:
+/// `[[id, consumer, idle ms, count]]`.
+fn pending_count(reply: &redis::Value) -> Option<u64> {
+    let redis::Value::Array(rows) = reply else {
+        return None;
+    };
+    let Some(redis::Value::Array(row)) = rows.first() else {
+        return None;
+    };
+    match row.get(3)? {
+        redis::Value::Int(n) => u64::try_from(*n).ok(),
+        _ => None,
+    }
+}
+
+/// The entries of one stream in a reply, as first deliveries (a takeover
+/// learns their counts, `Reader::take_over`).
 fn entries_of(stream: &Arc<str>, topic: &Arc<str>, raw: &[redis::Value]) -> Vec<Entry> {
     raw.iter()
         .filter_map(stream_entry)
@@ -179,49 +200,102 @@ fn entries_of(stream: &Arc<str>, topic: &Arc<str>, raw: &[redis::Value]) -> Vec<
             topic: topic.clone(),
             id,
             event,
+            deliveries: 1,
         })
         .collect()
 }
 
-/// Acknowledges one message once the dispatcher settled it: the id goes to
-/// the group's ack task, which sends many in one `XACK`.
+/// What a group's ack task does with one message.
+enum Settle {
+    /// Processed or dead-lettered: `XACK`.
+    Done,
+    /// To be processed again (a retry, or a delivery dropped unsettled): it
+    /// stays pending, made due for a takeover after `retry_delay` of its
+    /// deliveries instead of after the whole visibility timeout.
+    Retry { deliveries: u64 },
+}
+
+/// Settles one message through the group's ack task, which sends many
+/// `XACK`s at once. A delivery dropped unsettled (its worker stopped with it
+/// still queued) is handed back like a retry.
 struct StreamAck {
-    acks: mpsc::UnboundedSender<(Arc<str>, String)>,
+    acks: mpsc::UnboundedSender<(Settle, Arc<str>, String)>,
     stream: Arc<str>,
-    id: String,
+    id: std::sync::Mutex<Option<String>>,
+    deliveries: u64,
+}
+
+impl StreamAck {
+    fn settle(&self, how: Settle) {
+        let taken = self.id.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(id) = taken {
+            let _ = self.acks.send((how, self.stream.clone(), id));
+        }
+    }
 }
 
 impl Acker for StreamAck {
     fn ack(&self, outcome: Ack) {
-        if outcome == Ack::Retry {
-            // Left pending: taken over after the visibility timeout.
-            return;
-        }
-        let _ = self.acks.send((self.stream.clone(), self.id.clone()));
+        self.settle(match outcome {
+            Ack::Done => Settle::Done,
+            Ack::Retry => Settle::Retry {
+                deliveries: self.deliveries,
+            },
+        });
     }
 }
 
-/// Sends acknowledgements in batches until every sender is gone.
+impl Drop for StreamAck {
+    fn drop(&mut self) {
+        self.settle(Settle::Retry {
+            deliveries: self.deliveries,
+        });
+    }
+}
+
+/// Sends acknowledgements in batches until every sender is gone, and makes
+/// retried messages due: `XCLAIM ... IDLE` (`JUSTID`: not counted as a
+/// delivery) ages a message so that it passes the visibility timeout after
+/// its retry delay, and `retries_due` tells the group's reader until when
+/// to look for such messages more often than every half timeout.
 async fn ack_task(
     conn: Healing,
     group: String,
-    mut rx: mpsc::UnboundedReceiver<(Arc<str>, String)>,
+    settings: RedisBusSettings,
+    retries_due: Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
+    mut rx: mpsc::UnboundedReceiver<(Settle, Arc<str>, String)>,
 ) {
+    let visibility = settings.visibility_timeout;
     while let Some(first) = rx.recv().await {
-        let mut by_stream: HashMap<Arc<str>, Vec<String>> = HashMap::new();
-        by_stream.entry(first.0).or_default().push(first.1);
-        let mut n = 1;
-        while n < 1024 {
-            match rx.try_recv() {
-                Ok((s, id)) => {
-                    by_stream.entry(s).or_default().push(id);
-                    n += 1;
-                }
-                Err(_) => break,
-            }
-        }
+        let mut done: HashMap<Arc<str>, Vec<String>> = HashMap::new();
         let mut pipe = redis::pipe();
-        for (stream, ids) in &by_stream {
+        let mut latest_due = None;
+        let mut next = Some(first);
+        let mut n = 0;
+        while let Some((how, stream, id)) = next {
+            match how {
+                Settle::Done => done.entry(stream).or_default().push(id),
+                Settle::Retry { deliveries } => {
+                    let delay = retry_delay(deliveries, visibility);
+                    let aged = visibility.saturating_sub(delay);
+                    pipe.cmd("XCLAIM")
+                        .arg(&*stream)
+                        .arg(&group)
+                        .arg(&settings.consumer)
+                        .arg(0)
+                        .arg(&id)
+                        .arg("IDLE")
+                        .arg(aged.as_millis() as u64)
+                        .arg("JUSTID")
+                        .ignore();
+                    let due = tokio::time::Instant::now() + delay;
+                    latest_due = latest_due.max(Some(due));
+                }
+            }
+            n += 1;
+            next = if n < 1024 { rx.try_recv().ok() } else { None };
+        }
+        for (stream, ids) in &done {
             pipe.cmd("XACK")
                 .arg(&**stream)
                 .arg(&group)
@@ -229,12 +303,20 @@ async fn ack_task(
                 .ignore();
         }
         let sent = conn
-            .run("XACK", |mut c| async move {
+            .run("XACK / XCLAIM", |mut c| async move {
                 pipe.query_async::<()>(&mut c).await
             })
             .await;
-        if let Err(e) = sent {
-            tracing::warn!(error = %e, group, "XACK failed; those messages will be redelivered");
+        match sent {
+            Ok(()) => {
+                if let Some(due) = latest_due {
+                    let mut until = retries_due.lock().unwrap_or_else(|p| p.into_inner());
+                    *until = (*until).max(Some(due));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, group, "settling messages failed; they come again after Redis:VisibilityTimeoutSeconds")
+            }
         }
     }
 }
@@ -245,13 +327,17 @@ struct Entry {
     topic: Arc<str>,
     id: String,
     event: Option<CloudEvent>,
+    /// Deliveries to the group so far, this one included.
+    deliveries: u64,
 }
 
 struct Reader {
     client: redis::Client,
     conn: MultiplexedConnection,
     control: Healing,
-    acks: mpsc::UnboundedSender<(Arc<str>, String)>,
+    acks: mpsc::UnboundedSender<(Settle, Arc<str>, String)>,
+    /// Until when messages handed back for a retry fall due (`ack_task`).
+    retries_due: Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
     group: String,
     /// (stream key, topic)
     topics: Vec<(Arc<str>, Arc<str>)>,
@@ -277,7 +363,7 @@ impl Reader {
             if *self.stop.borrow() {
                 return;
             }
-            if last_claim.is_none_or(|t| t.elapsed() >= self.settings.visibility_timeout / 2) {
+            if last_claim.is_none_or(|t| t.elapsed() >= self.claim_period()) {
                 last_claim = Some(tokio::time::Instant::now());
                 if !self.reclaim().await {
                     return;
@@ -324,6 +410,17 @@ impl Reader {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             }
+        }
+    }
+
+    /// How often to look for messages to take over: every half visibility
+    /// timeout, and every `RETRY_LOOK` while messages handed back for a
+    /// retry fall due.
+    fn claim_period(&self) -> Duration {
+        let due = *self.retries_due.lock().unwrap_or_else(|p| p.into_inner());
+        match due {
+            Some(until) if tokio::time::Instant::now() <= until + RETRY_LOOK => RETRY_LOOK,
+            _ => self.settings.visibility_timeout / 2,
         }
     }
 
@@ -428,46 +525,55 @@ impl Reader {
     }
 
     /// Hands over messages taken over from an earlier consumer (a dead
-    /// one's, or an earlier reader's of this one), after moving those
-    /// delivered more than `Redis:MaxDeliver` times to the dead-letter
-    /// topic. False: consumer gone.
+    /// one's, or an earlier reader's of this one), with their delivery
+    /// counts (for their retry delay), after moving those delivered more
+    /// than `Redis:MaxDeliver` times to the dead-letter topic. False:
+    /// consumer gone.
     async fn take_over(&mut self, stream: &str, topic: &str, mut entries: Vec<Entry>) -> bool {
-        if self.settings.max_deliver > 0 && !entries.is_empty() {
-            let worn = self.delivered_too_often(stream, &entries).await;
-            if !worn.is_empty() {
-                entries.retain(|e| !worn.contains(&e.id));
-                self.dead_letter(stream, topic, worn).await;
+        if entries.is_empty() {
+            return true;
+        }
+        let counts = self.delivery_counts(stream, &entries).await;
+        let mut worn = Vec::new();
+        for (e, count) in entries.iter_mut().zip(counts) {
+            // Taken over: delivered twice at least.
+            e.deliveries = count.unwrap_or(2);
+            if self.settings.max_deliver > 0 && count.is_some_and(|c| c > self.settings.max_deliver)
+            {
+                worn.push(e.id.clone());
             }
+        }
+        if !worn.is_empty() {
+            entries.retain(|e| !worn.contains(&e.id));
+            self.dead_letter(stream, topic, worn).await;
         }
         self.deliver(entries, false).await
     }
 
-    /// Ids among freshly claimed `entries` whose delivery count passed
-    /// `max_deliver`, with their counts.
-    async fn delivered_too_often(&self, stream: &str, entries: &[Entry]) -> Vec<String> {
-        let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
-            return Vec::new();
-        };
-        let (first, last, n) = (first.id.clone(), last.id.clone(), entries.len());
-        let group = self.group.clone();
-        let stream_key = stream.to_string();
-        let pending: Result<redis::streams::StreamPendingCountReply, String> = self
+    /// How often each of `entries` was delivered to the group (`XPENDING`
+    /// of each id, in one round trip); `None` where that is unknown.
+    async fn delivery_counts(&self, stream: &str, entries: &[Entry]) -> Vec<Option<u64>> {
+        let mut pipe = redis::pipe();
+        for e in entries {
+            pipe.cmd("XPENDING")
+                .arg(stream)
+                .arg(&self.group)
+                .arg(&e.id)
+                .arg(&e.id)
+                .arg(1);
+        }
+        let replies: Result<Vec<redis::Value>, String> = self
             .control
-            .run("XPENDING", |mut c| async move {
-                c.xpending_count(&stream_key, &group, &first, &last, n)
-                    .await
-            })
+            .run(
+                "XPENDING",
+                |mut c| async move { pipe.query_async(&mut c).await },
+            )
             .await;
-        match pending {
-            Ok(p) => p
-                .ids
-                .into_iter()
-                .filter(|i| i.times_delivered as u64 > self.settings.max_deliver)
-                .map(|i| i.id)
-                .collect(),
+        match replies {
+            Ok(replies) => replies.iter().map(pending_count).collect(),
             Err(e) => {
-                tracing::debug!(error = %e, "XPENDING failed; delivering the claimed messages again");
-                Vec::new()
+                tracing::debug!(error = %e, "XPENDING failed; delivering the taken-over messages again");
+                vec![None; entries.len()]
             }
         }
     }
@@ -610,13 +716,16 @@ impl Reader {
 
     async fn hand_over(&mut self, entries: Vec<Entry>, duplicates: Vec<bool>) -> bool {
         for (e, duplicate) in entries.into_iter().zip(duplicates) {
+            if e.event.is_none() {
+                tracing::warn!(stream = %e.stream, id = %e.id, "unreadable stream entry acknowledged and skipped");
+            }
             let ack = StreamAck {
                 acks: self.acks.clone(),
-                stream: e.stream.clone(),
-                id: e.id.clone(),
+                stream: e.stream,
+                id: std::sync::Mutex::new(Some(e.id)),
+                deliveries: e.deliveries,
             };
             let Some(event) = e.event else {
-                tracing::warn!(stream = %e.stream, id = %e.id, "unreadable stream entry acknowledged and skipped");
                 ack.ack(Ack::Done);
                 continue;
             };
@@ -731,7 +840,14 @@ impl Bus for RedisBus {
             create_group(&control, s, group).await;
         }
         let (ack_tx, ack_rx) = mpsc::unbounded_channel();
-        tokio::spawn(ack_task(self.conn.clone(), group.to_string(), ack_rx));
+        let retries_due = Arc::default();
+        tokio::spawn(ack_task(
+            self.conn.clone(),
+            group.to_string(),
+            self.settings.clone(),
+            Arc::clone(&retries_due),
+            ack_rx,
+        ));
         let conn = self
             .client
             .get_multiplexed_async_connection()
@@ -744,6 +860,7 @@ impl Bus for RedisBus {
             conn,
             control,
             acks: ack_tx,
+            retries_due,
             group: group.to_string(),
             topics: streams,
             settings: self.settings.clone(),
@@ -1009,6 +1126,47 @@ mod tests {
             .expect("open");
         assert_eq!(d.event.0["data"], serde_json::json!(42));
         d.ack(Ack::Done);
+    }
+
+    /// With a visibility timeout longer than the suite waits: a retry is
+    /// handed back after its delay, not left for the timeout; and nothing
+    /// settled comes again.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_retried_message_comes_again_after_its_delay_and_nothing_settled_twice() {
+        let r = RedisServer::start();
+        let b = RedisBus::connect(
+            &r.url(),
+            RedisBusSettings {
+                visibility_timeout: Duration::from_secs(60),
+                ..settings("i1")
+            },
+        )
+        .await
+        .unwrap();
+        let mut s = suite::a_retried_message_comes_again(&b).await;
+        assert!(
+            tokio::time::timeout(Duration::from_secs(3), s.receiver.recv())
+                .await
+                .is_err(),
+            "nothing settled is delivered again"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_message_retried_too_often_goes_to_the_dead_letter_topic() {
+        let r = RedisServer::start();
+        let b = RedisBus::connect(
+            &r.url(),
+            RedisBusSettings {
+                max_deliver: 2,
+                visibility_timeout: Duration::from_secs(60),
+                ..settings("i1")
+            },
+        )
+        .await
+        .unwrap();
+        suite::a_message_retried_too_often_goes_to_the_dead_letter_topic(&b, "Redis:MaxDeliver")
+            .await;
     }
 
     /// Message 7 of worker "w1" is taken by a reader of each of the first

@@ -8,6 +8,8 @@ use async_nats::jetstream::{self, consumer};
 use tokio::sync::mpsc;
 use workmanager_core::bus::{Ack, Acker};
 
+use crate::readers::retry_delay;
+
 /// What a consumer's ack task learns, in the order it happened.
 pub(super) enum Settle {
     /// Messages this consumer delivered that the task may not know of
@@ -79,15 +81,6 @@ impl Drop for NatsAck {
     fn drop(&mut self) {
         self.settle(Ack::Retry);
     }
-}
-
-/// How soon a message handed back for a retry is delivered again: one
-/// second, doubling with each delivery up to `ack_wait`, so that a long
-/// outage of what the worker needs does not use up `Nats:MaxDeliver` in
-/// seconds.
-fn retry_delay(delivered: i64, ack_wait: Duration) -> Duration {
-    let doublings = delivered.clamp(1, 16) as u32 - 1;
-    (RETRY_DELAY * 2u32.pow(doublings)).min(ack_wait.max(RETRY_DELAY))
 }
 
 /// Sends a consumer's acknowledgements until every sender is gone.
@@ -188,7 +181,10 @@ async fn ack_task(
                     if let Some(slot) = open.get_mut(&seq) {
                         *slot = None;
                     }
-                    let nak = jetstream::AckKind::Nak(Some(retry_delay(delivered, ack_wait)));
+                    let nak = jetstream::AckKind::Nak(Some(retry_delay(
+                        delivered.max(0) as u64,
+                        ack_wait,
+                    )));
                     if let Err(e) = client.publish(reply, nak.into()).await {
                         tracing::warn!(error = %e, "JetStream NAK failed; the message comes back after Nats:AckWaitSeconds");
                     }
@@ -286,9 +282,6 @@ async fn keep_held_alive(
     }
 }
 
-/// How soon a message handed back for a retry is delivered again, at first.
-const RETRY_DELAY: Duration = Duration::from_secs(1);
-
 /// The ack task of one opening of `consumer` (see `ack_task`), told first
 /// what an earlier reader left unsettled.
 pub(super) fn spawn_ack_task(
@@ -300,18 +293,4 @@ pub(super) fn spawn_ack_task(
     let _ = acks.send(Settle::Inherited(inherited(consumer.cached_info())));
     tokio::spawn(ack_task(client.clone(), ack_rx, ack_wait));
     acks
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn retries_back_off_up_to_the_ack_wait() {
-        let wait = Duration::from_secs(60);
-        assert_eq!(retry_delay(1, wait), Duration::from_secs(1));
-        assert_eq!(retry_delay(3, wait), Duration::from_secs(4));
-        assert_eq!(retry_delay(9, wait), wait);
-        assert_eq!(retry_delay(i64::MAX, wait), wait);
-    }
 }

@@ -638,6 +638,10 @@ mod tests {
         d.ack(Ack::Done);
     }
 
+    /// The retried message is handed back twice (1 s, then 2 s later):
+    /// the messages settled after it wait for it longer than the ack wait,
+    /// unacknowledged but kept alive, so they are not delivered again
+    /// meanwhile.
     #[tokio::test(flavor = "multi_thread")]
     async fn a_retried_message_comes_again_and_nothing_settled_is_delivered_twice() {
         let n = NatsServer::start();
@@ -646,29 +650,7 @@ mod tests {
             ..settings()
         };
         let b = bus_with(&n, settings.clone()).await;
-        let mut s = b.subscribe(&["t".into()], "w1").await.unwrap();
-        for i in 1..=3 {
-            b.publish("t", suite::ev(i)).await.unwrap();
-        }
-        suite::take(&mut s.receiver, 1, Ack::Retry).await;
-        for want in [2, 3] {
-            suite::take(&mut s.receiver, want, Ack::Done).await;
-        }
-        // Handed back twice (1 s, then 2 s later): 2 and 3 wait for it
-        // longer than the ack wait, unacknowledged but kept alive, so they
-        // are not delivered again meanwhile.
-        let again = recv(&mut s.receiver).await;
-        assert_eq!(
-            again.event.0["data"],
-            serde_json::json!(1),
-            "handed back, so delivered again"
-        );
-        again.ack(Ack::Retry);
-        suite::take(&mut s.receiver, 1, Ack::Done).await;
-        // A delivery dropped unsettled (its worker went away) comes back too.
-        b.publish("t", suite::ev(4)).await.unwrap();
-        drop(recv(&mut s.receiver).await);
-        suite::take(&mut s.receiver, 4, Ack::Done).await;
+        let s = suite::a_retried_message_comes_again(&b).await;
         b.unsubscribe(&["t".into()], "w1").await;
         drop(s);
         // Everything was settled: the next consumer of the group, past the
@@ -683,31 +665,16 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn a_message_retried_too_often_goes_to_the_dead_letter_topic() {
         let n = NatsServer::start();
-        let b = NatsBus::connect(
-            &n.url(),
-            NatsAuth::default(),
+        let b = bus_with(
+            &n,
             NatsBusSettings {
                 max_deliver: 2,
                 ..settings()
             },
         )
-        .await
-        .unwrap();
-        let mut dead = b.subscribe(&["t-dead".into()], "dlq").await.unwrap();
-        let mut s = b.subscribe(&["t".into()], "w1").await.unwrap();
-        b.publish("t", suite::ev(7)).await.unwrap();
-        for _ in 0..2 {
-            suite::take(&mut s.receiver, 7, Ack::Retry).await;
-        }
-        suite::take_dead_letter(&mut dead.receiver, 7, "Nats:MaxDeliver", "w1").await;
-        b.publish("t", suite::ev(8)).await.unwrap();
-        let d = recv(&mut s.receiver).await;
-        assert_eq!(
-            d.event.0["data"],
-            serde_json::json!(8),
-            "not delivered a third time"
-        );
-        d.ack(Ack::Done);
+        .await;
+        suite::a_message_retried_too_often_goes_to_the_dead_letter_topic(&b, "Nats:MaxDeliver")
+            .await;
     }
 
     /// An output topic whose stream an operator deleted keeps taking
