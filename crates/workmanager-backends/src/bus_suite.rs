@@ -86,6 +86,36 @@ pub(crate) async fn a_message_retried_too_often_goes_to_the_dead_letter_topic(
     take(&mut s.receiver, 8, Ack::Done).await;
 }
 
+/// For the networked buses, with a local queue of 8 and an ack wait or
+/// visibility timeout of 1 s: a worker slower than that timeout per
+/// backlog (its queue waits 4 s) still gets each message once. What waits
+/// in the local queue is kept alive, not delivered again.
+pub(crate) async fn a_slow_workers_backlog_is_delivered_once(bus: &dyn Bus) {
+    let mut s = bus.subscribe(&["t".into()], "w1").await.unwrap();
+    bus.publish_many("t", (1..=10).map(ev).collect())
+        .await
+        .unwrap();
+    for want in 1..=10 {
+        let d = tokio::time::timeout(Duration::from_secs(20), s.receiver.recv())
+            .await
+            .expect("a delivery within 20 s")
+            .expect("the subscription is open");
+        assert_eq!(
+            d.event.0["data"],
+            json!(want),
+            "each message once, in order"
+        );
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        d.ack(Ack::Done);
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_secs(3), s.receiver.recv())
+            .await
+            .is_err(),
+        "nothing is delivered twice"
+    );
+}
+
 /// Takes the next delivery from a dead-letter subscription: event `want`,
 /// dead-lettered by `worker` for a reason naming `setting`; settles it.
 pub(crate) async fn take_dead_letter(

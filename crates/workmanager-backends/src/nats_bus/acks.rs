@@ -18,7 +18,11 @@ pub(super) enum Settle {
     Inherited(std::ops::Range<u64>),
     /// A message is about to be handed to the dispatcher. Sent before the
     /// handover, so it always precedes the message's settlement.
-    Delivered(u64),
+    Delivered {
+        seq: u64,
+        /// The message's ack subject, to keep it alive while it waits.
+        reply: async_nats::Subject,
+    },
     /// The dispatcher settled the message with this stream sequence.
     Settled {
         seq: u64,
@@ -49,7 +53,10 @@ impl NatsAck {
         reply: async_nats::Subject,
         tx: &mpsc::UnboundedSender<Settle>,
     ) -> NatsAck {
-        let _ = tx.send(Settle::Delivered(seq));
+        let _ = tx.send(Settle::Delivered {
+            seq,
+            reply: reply.clone(),
+        });
         NatsAck {
             seq,
             delivered,
@@ -97,7 +104,10 @@ impl Drop for NatsAck {
 /// while one message waits for its retry, the consumer delivers at most the
 /// server's `max_ack_pending` messages beyond it (retries only happen while
 /// a backend is failing; a worker's own failures are retried and
-/// dead-lettered by the dispatcher and settle as done).
+/// dead-lettered by the dispatcher and settle as done). Messages not yet
+/// settled are kept alive the same way while they wait in the worker's
+/// local queue or run: a slow worker's backlog must not be delivered again
+/// after `ack_wait` (and count toward `Nats:MaxDeliver`) while it waits.
 ///
 /// Messages an earlier reader of the consumer took and left unsettled, or
 /// that the consumer delivered elsewhere (`Settle::Inherited`), are open
@@ -110,7 +120,9 @@ async fn ack_task(
     mut rx: mpsc::UnboundedReceiver<Settle>,
     ack_wait: Duration,
 ) {
-    // Delivered, unacknowledged messages by stream sequence; `Some` once done.
+    // Delivered, unacknowledged messages by stream sequence: `Some` while
+    // this reader holds them (waiting, running, or done), `None` for one
+    // handed back or inherited.
     let mut open: std::collections::BTreeMap<u64, Option<Held>> = std::collections::BTreeMap::new();
     // Inherited messages not delivered again yet, and when they stop holding.
     let mut unseen = std::collections::BTreeSet::new();
@@ -155,9 +167,16 @@ async fn ack_task(
                 Settle::Inherited(seqs) => {
                     given_up = inherit(&mut open, &mut unseen, seqs, ack_wait);
                 }
-                Settle::Delivered(seq) => {
+                Settle::Delivered { seq, reply } => {
                     unseen.remove(&seq);
-                    open.insert(seq, None);
+                    open.insert(
+                        seq,
+                        Some(Held {
+                            reply,
+                            since: tokio::time::Instant::now(),
+                            done: false,
+                        }),
+                    );
                 }
                 Settle::Settled {
                     seq,
@@ -169,6 +188,7 @@ async fn ack_task(
                         *slot = Some(Held {
                             reply,
                             since: tokio::time::Instant::now(),
+                            done: true,
                         });
                     }
                 }
@@ -222,7 +242,7 @@ async fn ack_settled(
 ) {
     let mut last = None;
     while let Some(entry) = open.first_entry() {
-        if entry.get().is_none() {
+        if !entry.get().as_ref().is_some_and(|held| held.done) {
             break;
         }
         last = entry.remove();
@@ -256,15 +276,17 @@ pub(super) fn inherited(info: &consumer::Info) -> std::ops::Range<u64> {
 /// The most sequences a reader guards for an earlier one (see `inherited`).
 const MAX_INHERITED: u64 = 100_000;
 
-/// A settled message whose acknowledgement waits for an earlier one.
+/// A message this reader holds: delivered and waiting or running, or done
+/// and waiting for an earlier one to be acknowledged with it.
 struct Held {
     reply: async_nats::Subject,
-    /// Settled, or last kept alive, at.
+    /// Delivered or settled, or last kept alive, at.
     since: tokio::time::Instant,
+    done: bool,
 }
 
-/// Sends a progress ack for every settled message that has waited
-/// `keep_alive` since it was settled or last kept alive.
+/// Sends a progress ack for every message held that has waited
+/// `keep_alive` since it was delivered, settled or last kept alive.
 async fn keep_held_alive(
     client: &async_nats::Client,
     open: &mut std::collections::BTreeMap<u64, Option<Held>>,

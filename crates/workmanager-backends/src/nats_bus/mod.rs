@@ -626,8 +626,11 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        std::mem::forget(d); // the instance dies before acknowledging
+        // The instance dies before acknowledging: its connection goes,
+        // and with it the keep-alive of what it held.
+        std::mem::forget(d);
         first.unsubscribe(&["t".into()], "w1").await;
+        first.client.drain().await.unwrap();
         let second = bus(&n).await;
         let mut s2 = second.subscribe(&["t".into()], "w1").await.unwrap();
         let d = tokio::time::timeout(Duration::from_secs(15), s2.receiver.recv())
@@ -660,6 +663,20 @@ mod tests {
         let mut s = heir.subscribe(&["t".into()], "w1").await.unwrap();
         heir.publish("t", suite::ev(5)).await.unwrap();
         suite::take(&mut s.receiver, 5, Ack::Done).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_slow_workers_backlog_is_delivered_once() {
+        let n = NatsServer::start();
+        let b = bus_with(
+            &n,
+            NatsBusSettings {
+                capacity: 8,
+                ..settings()
+            },
+        )
+        .await;
+        suite::a_slow_workers_backlog_is_delivered_once(&b).await;
     }
 
     #[tokio::test(flavor = "multi_thread")]
