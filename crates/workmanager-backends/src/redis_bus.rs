@@ -205,8 +205,11 @@ fn entries_of(stream: &Arc<str>, topic: &Arc<str>, raw: &[redis::Value]) -> Vec<
         .collect()
 }
 
-/// What a group's ack task does with one message.
+/// What a group's ack task learns of one message, in the order it happened.
 enum Settle {
+    /// About to be handed to the dispatcher (sent before, so it precedes
+    /// the settlement): kept alive until settled.
+    Delivered,
     /// Processed or dead-lettered: `XACK`.
     Done,
     /// To be processed again (a retry, or a delivery dropped unsettled): it
@@ -253,11 +256,18 @@ impl Drop for StreamAck {
     }
 }
 
-/// Sends acknowledgements in batches until every sender is gone, and makes
-/// retried messages due: `XCLAIM ... IDLE` (`JUSTID`: not counted as a
-/// delivery) ages a message so that it passes the visibility timeout after
-/// its retry delay, and `retries_due` tells the group's reader until when
-/// to look for such messages more often than every half timeout.
+/// Sends acknowledgements in batches until every sender is gone, keeps
+/// what the group's worker holds alive, and makes retried messages due.
+///
+/// - Held (delivered, not settled: waiting in the worker's local queue, or
+///   running): every third of the visibility timeout `XCLAIM ... JUSTID`
+///   (not counted as a delivery) resets its idle time, so no reader takes
+///   it over, this one included, however long a slow worker's backlog
+///   waits.
+/// - Retried (or dropped unsettled): `XCLAIM ... IDLE` ages it so that it
+///   passes the visibility timeout after its retry delay, and
+///   `retries_due` tells the group's reader until when to look for such
+///   messages more often than every half timeout.
 async fn ack_task(
     conn: Healing,
     group: String,
@@ -266,16 +276,40 @@ async fn ack_task(
     mut rx: mpsc::UnboundedReceiver<(Settle, Arc<str>, String)>,
 ) {
     let visibility = settings.visibility_timeout;
-    while let Some(first) = rx.recv().await {
+    let keep_alive = (visibility / 3).max(Duration::from_millis(100));
+    let mut held: HashMap<(Arc<str>, String), tokio::time::Instant> = HashMap::new();
+    let mut tick = tokio::time::interval(keep_alive);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let first = tokio::select! {
+            s = rx.recv() => match s {
+                Some(s) => s,
+                None => return,
+            },
+            _ = tick.tick() => {
+                keep_held_alive(&conn, &group, &settings.consumer, &mut held, keep_alive).await;
+                continue;
+            }
+        };
         let mut done: HashMap<Arc<str>, Vec<String>> = HashMap::new();
         let mut pipe = redis::pipe();
         let mut latest_due = None;
         let mut next = Some(first);
         let mut n = 0;
         while let Some((how, stream, id)) = next {
+            let key = (stream, id);
             match how {
-                Settle::Done => done.entry(stream).or_default().push(id),
+                Settle::Delivered => {
+                    held.insert(key, tokio::time::Instant::now());
+                }
+                Settle::Done => {
+                    held.remove(&key);
+                    let (stream, id) = key;
+                    done.entry(stream).or_default().push(id);
+                }
                 Settle::Retry { deliveries } => {
+                    held.remove(&key);
+                    let (stream, id) = key;
                     let delay = retry_delay(deliveries, visibility);
                     let aged = visibility.saturating_sub(delay);
                     pipe.cmd("XCLAIM")
@@ -294,6 +328,9 @@ async fn ack_task(
             }
             n += 1;
             next = if n < 1024 { rx.try_recv().ok() } else { None };
+        }
+        if done.is_empty() && latest_due.is_none() {
+            continue;
         }
         for (stream, ids) in &done {
             pipe.cmd("XACK")
@@ -318,6 +355,50 @@ async fn ack_task(
                 tracing::warn!(error = %e, group, "settling messages failed; they come again after Redis:VisibilityTimeoutSeconds")
             }
         }
+    }
+}
+
+/// Resets the idle time of every held message not kept alive for
+/// `keep_alive`. Only one idle that long is claimed (`XCLAIM`'s min idle
+/// time), so a message another reader took over meanwhile (this
+/// instance's calls failed for longer than the visibility timeout) stays
+/// with it.
+async fn keep_held_alive(
+    conn: &Healing,
+    group: &str,
+    consumer: &str,
+    held: &mut HashMap<(Arc<str>, String), tokio::time::Instant>,
+    keep_alive: Duration,
+) {
+    let now = tokio::time::Instant::now();
+    let mut due: HashMap<Arc<str>, Vec<String>> = HashMap::new();
+    for ((stream, id), since) in held.iter_mut() {
+        if now.duration_since(*since) >= keep_alive {
+            *since = now;
+            due.entry(stream.clone()).or_default().push(id.clone());
+        }
+    }
+    if due.is_empty() {
+        return;
+    }
+    let mut pipe = redis::pipe();
+    for (stream, ids) in &due {
+        pipe.cmd("XCLAIM")
+            .arg(&**stream)
+            .arg(group)
+            .arg(consumer)
+            .arg((keep_alive / 2).as_millis() as u64)
+            .arg(ids)
+            .arg("JUSTID")
+            .ignore();
+    }
+    let sent = conn
+        .run("XCLAIM", |mut c| async move {
+            pipe.query_async::<()>(&mut c).await
+        })
+        .await;
+    if let Err(e) = sent {
+        tracing::debug!(error = %e, group, "keeping held messages alive failed");
     }
 }
 
@@ -716,23 +797,26 @@ impl Reader {
 
     async fn hand_over(&mut self, entries: Vec<Entry>, duplicates: Vec<bool>) -> bool {
         for (e, duplicate) in entries.into_iter().zip(duplicates) {
-            if e.event.is_none() {
-                tracing::warn!(stream = %e.stream, id = %e.id, "unreadable stream entry acknowledged and skipped");
-            }
+            let event = match e.event {
+                Some(event) if !duplicate => event,
+                unread => {
+                    if unread.is_none() {
+                        tracing::warn!(stream = %e.stream, id = %e.id, "unreadable stream entry acknowledged and skipped");
+                    }
+                    let _ = self.acks.send((Settle::Done, e.stream, e.id));
+                    continue;
+                }
+            };
+            // Before the handover, so it precedes the settlement.
+            let _ = self
+                .acks
+                .send((Settle::Delivered, e.stream.clone(), e.id.clone()));
             let ack = StreamAck {
                 acks: self.acks.clone(),
                 stream: e.stream,
                 id: std::sync::Mutex::new(Some(e.id)),
                 deliveries: e.deliveries,
             };
-            let Some(event) = e.event else {
-                ack.ack(Ack::Done);
-                continue;
-            };
-            if duplicate {
-                ack.ack(Ack::Done);
-                continue;
-            }
             let sent = self
                 .queue
                 .send(Delivery {
@@ -1054,6 +1138,41 @@ mod tests {
         suite::a_stopped_readers_messages_come_to_the_next_one(&b).await;
     }
 
+    /// Worker "w1" of topic "t" takes a message on an instance (`settings`)
+    /// that then dies with it unsettled, after publishing event `publish`
+    /// if given; returns the message's data. The instance runs on a
+    /// runtime of its own, shut down afterwards, so nothing of it settles
+    /// what it held or keeps it alive any more.
+    async fn take_one_and_die(
+        url: &str,
+        settings: RedisBusSettings,
+        publish: Option<u64>,
+    ) -> serde_json::Value {
+        let url = url.to_string();
+        tokio::task::spawn_blocking(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            let taken = rt.block_on(async {
+                let b = RedisBus::connect(&url, settings).await.unwrap();
+                let mut s = b.subscribe(&["t".into()], "w1").await.unwrap();
+                if let Some(n) = publish {
+                    b.publish("t", suite::ev(n)).await.unwrap();
+                }
+                let d = recv(&mut s.receiver).await;
+                let taken = d.event.0["data"].clone();
+                std::mem::forget(d);
+                taken
+            });
+            rt.shutdown_background();
+            taken
+        })
+        .await
+        .unwrap()
+    }
+
     async fn recv(rx: &mut mpsc::Receiver<Delivery>) -> Delivery {
         tokio::time::timeout(Duration::from_secs(10), rx.recv())
             .await
@@ -1089,13 +1208,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn a_message_its_consumer_never_acknowledged_is_taken_over() {
         let r = RedisServer::start();
-        let dying = bus(&r, "i1").await;
-        let mut s = dying.subscribe(&["t".into()], "w1").await.unwrap();
-        dying.publish("t", suite::ev(42)).await.unwrap();
-        let d = recv(&mut s.receiver).await;
         // The instance dies mid-processing: no ack.
-        std::mem::forget(d);
-        dying.unsubscribe(&["t".into()], "w1").await;
+        take_one_and_die(&r.url(), settings("i1"), Some(42)).await;
         let heir = bus(&r, "i2").await;
         let mut s2 = heir.subscribe(&["t".into()], "w1").await.unwrap();
         suite::take(&mut s2.receiver, 42, Ack::Done).await;
@@ -1111,11 +1225,7 @@ mod tests {
             visibility_timeout: Duration::from_secs(8),
             ..settings(consumer)
         };
-        let dying = RedisBus::connect(&r.url(), slow("i1")).await.unwrap();
-        let mut s = dying.subscribe(&["t".into()], "w1").await.unwrap();
-        dying.publish("t", suite::ev(42)).await.unwrap();
-        std::mem::forget(recv(&mut s.receiver).await);
-        dying.unsubscribe(&["t".into()], "w1").await;
+        take_one_and_die(&r.url(), slow("i1"), Some(42)).await;
         tokio::time::sleep(Duration::from_millis(8_500)).await;
         let heir = RedisBus::connect(&r.url(), slow("i2")).await.unwrap();
         let mut s2 = heir.subscribe(&["t".into()], "w1").await.unwrap();
@@ -1153,6 +1263,21 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread")]
+    async fn a_slow_workers_backlog_is_delivered_once() {
+        let r = RedisServer::start();
+        let b = RedisBus::connect(
+            &r.url(),
+            RedisBusSettings {
+                capacity: 8,
+                ..settings("i1")
+            },
+        )
+        .await
+        .unwrap();
+        suite::a_slow_workers_backlog_is_delivered_once(&b).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
     async fn a_message_retried_too_often_goes_to_the_dead_letter_topic() {
         let r = RedisServer::start();
         let b = RedisBus::connect(
@@ -1181,20 +1306,8 @@ mod tests {
             ..settings(consumer)
         };
         for (i, name) in consumers[..2].iter().enumerate() {
-            let b = RedisBus::connect(&r.url(), strict(name)).await.unwrap();
-            let mut s = b.subscribe(&["t".into()], "w1").await.unwrap();
-            if i == 0 {
-                b.publish("t", suite::ev(7)).await.unwrap();
-            }
-            let d = recv(&mut s.receiver).await;
-            assert_eq!(
-                d.event.0["data"],
-                serde_json::json!(7),
-                "delivery {}",
-                i + 1
-            );
-            std::mem::forget(d);
-            b.unsubscribe(&["t".into()], "w1").await;
+            let taken = take_one_and_die(&r.url(), strict(name), (i == 0).then_some(7)).await;
+            assert_eq!(taken, serde_json::json!(7), "delivery {}", i + 1);
         }
         let b = RedisBus::connect(&r.url(), strict(consumers[2]))
             .await
