@@ -12,6 +12,16 @@ use workmanager_core::CloudEvent;
 /// Observer feed size per topic; slower observers skip ahead.
 pub(crate) const WATCH_CAPACITY: usize = 4096;
 
+/// How often the networked buses keep alive the messages a worker holds
+/// (a third of their ack wait or visibility timeout, at least 100 ms), and
+/// a timer that ticks that often.
+pub(crate) fn keep_alive_timer(timeout: Duration) -> (Duration, tokio::time::Interval) {
+    let every = (timeout / 3).max(Duration::from_millis(100));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    (every, tick)
+}
+
 /// How soon a message handed back for a retry is delivered again, at first.
 const RETRY_DELAY: Duration = Duration::from_secs(1);
 

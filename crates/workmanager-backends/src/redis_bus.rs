@@ -34,7 +34,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 use workmanager_core::bus::{dead_letter_topic, Ack, Acker, Bus, BusError, Delivery, Subscription};
 use workmanager_core::CloudEvent;
 
-use crate::readers::{retry_delay, GroupHandle, Readers};
+use crate::readers::{keep_alive_timer, retry_delay, GroupHandle, Readers};
 use crate::redis_conn::Healing;
 
 /// Messages read per `XREADGROUP` (the dispatcher then pipelines them to
@@ -276,10 +276,8 @@ async fn ack_task(
     mut rx: mpsc::UnboundedReceiver<(Settle, Arc<str>, String)>,
 ) {
     let visibility = settings.visibility_timeout;
-    let keep_alive = (visibility / 3).max(Duration::from_millis(100));
+    let (keep_alive, mut tick) = keep_alive_timer(visibility);
     let mut held: HashMap<(Arc<str>, String), tokio::time::Instant> = HashMap::new();
-    let mut tick = tokio::time::interval(keep_alive);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let first = tokio::select! {
             s = rx.recv() => match s {

@@ -8,7 +8,7 @@ use async_nats::jetstream::{self, consumer};
 use tokio::sync::mpsc;
 use workmanager_core::bus::{Ack, Acker};
 
-use crate::readers::retry_delay;
+use crate::readers::{keep_alive_timer, retry_delay};
 
 /// What a consumer's ack task learns, in the order it happened.
 pub(super) enum Settle {
@@ -127,9 +127,7 @@ async fn ack_task(
     // Inherited messages not delivered again yet, and when they stop holding.
     let mut unseen = std::collections::BTreeSet::new();
     let mut given_up = tokio::time::Instant::now();
-    let keep_alive = (ack_wait / 3).max(Duration::from_millis(100));
-    let mut tick = tokio::time::interval(keep_alive);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (keep_alive, mut tick) = keep_alive_timer(ack_wait);
     loop {
         let first = tokio::select! {
             s = rx.recv() => match s {
