@@ -797,8 +797,8 @@ impl Reader {
         for (e, duplicate) in entries.into_iter().zip(duplicates) {
             let event = match e.event {
                 Some(event) if !duplicate => event,
-                unread => {
-                    if unread.is_none() {
+                skipped => {
+                    if skipped.is_none() {
                         tracing::warn!(stream = %e.stream, id = %e.id, "unreadable stream entry acknowledged and skipped");
                     }
                     let _ = self.acks.send((Settle::Done, e.stream, e.id));
