@@ -455,10 +455,11 @@ impl Reader {
                 Ok(r) => {
                     let mut entries = Vec::new();
                     for (key, ids) in reply_streams(&r) {
-                        let Some((stream, topic)) = self.topic_of(key) else {
+                        let Some(i) = self.topic_of(key) else {
                             continue;
                         };
-                        entries.extend(entries_of(&stream, &topic, ids));
+                        let (stream, topic) = &self.topics[i];
+                        entries.extend(entries_of(stream, topic, ids));
                     }
                     // The raw reply (a few hundred KB) is not kept across
                     // the hand-over's waits.
@@ -522,11 +523,9 @@ impl Reader {
         read
     }
 
-    fn topic_of(&self, stream: &[u8]) -> Option<(Arc<str>, Arc<str>)> {
-        self.topics
-            .iter()
-            .find(|(s, _)| s.as_bytes() == stream)
-            .map(|(s, t)| (s.clone(), t.clone()))
+    /// The index in `topics` of the stream a reply names.
+    fn topic_of(&self, stream: &[u8]) -> Option<usize> {
+        self.topics.iter().position(|(s, _)| s.as_bytes() == stream)
     }
 
     /// Takes over this group's messages that another (dead) consumer left
@@ -581,7 +580,7 @@ impl Reader {
             };
             let mut taken = Vec::new();
             for (key, ids) in reply_streams(&reply) {
-                let Some(i) = self.topics.iter().position(|(s, _)| s.as_bytes() == key) else {
+                let Some(i) = self.topic_of(key) else {
                     continue;
                 };
                 let (stream, topic) = &self.topics[i];
