@@ -133,6 +133,35 @@ impl Broker {
     }
 }
 
+/// The processes `pid` started and those they started in turn: a worker's
+/// Python child (and whatever it runs), for its CPU per message.
+fn descendants(pid: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    let mut todo = vec![pid];
+    while let Some(p) = todo.pop() {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let children =
+                std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            for child in children.split_whitespace().filter_map(|c| c.parse().ok()) {
+                found.push(child);
+                todo.push(child);
+            }
+        }
+    }
+    found
+}
+
+/// CPU seconds of each of `pid`'s descendants so far.
+fn descendants_cpu(pid: u32) -> Vec<(u32, f64)> {
+    descendants(pid)
+        .into_iter()
+        .filter_map(|d| Some((d, cpu_seconds(d)?)))
+        .collect()
+}
+
 /// The machine's idle and total CPU time so far (jiffies, all cores).
 fn machine_idle() -> Option<(u64, u64)> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
@@ -198,6 +227,10 @@ struct Through {
     broker_us_per_message: f64,
     /// This benchmark process's own CPU per message (publishers, polling).
     bench_us_per_message: f64,
+    /// The worker's Python child's CPU per message.
+    child_us_per_message: f64,
+    /// The whole machine's busy CPU per message (every process, the kernel).
+    machine_us_per_message: f64,
     /// Service RSS (KiB) sampled every 500 ms during the run.
     rss: Vec<u64>,
 }
@@ -268,6 +301,14 @@ async fn through_service(
         None
     };
     let bodies = bodies(n, publishers)?;
+    // The worker's child is started with the worker; its start-up is not
+    // part of the messages' cost.
+    let mut children_before = descendants_cpu(b.pid);
+    let wait_for_child = Instant::now() + Duration::from_secs(5);
+    while children_before.is_empty() && Instant::now() < wait_for_child {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        children_before = descendants_cpu(b.pid);
+    }
     let cpu_before = cpu_seconds(b.pid).unwrap_or(0.0);
     let idle_before = machine_idle();
     let broker_before = broker.and_then(cpu_seconds_with_children);
@@ -318,8 +359,24 @@ async fn through_service(
     let broker_us_per_message =
         per_message(broker_before, broker.and_then(cpu_seconds_with_children));
     let bench_us_per_message = per_message(bench_before, cpu_seconds(std::process::id()));
-    let idle = match (idle_before, machine_idle()) {
+    let child_cpu: f64 = descendants_cpu(b.pid)
+        .into_iter()
+        .map(|(pid, now)| {
+            let before = children_before.iter().find(|(p, _)| *p == pid);
+            now - before.map_or(0.0, |(_, cpu)| *cpu)
+        })
+        .sum();
+    let child_us_per_message = child_cpu * 1e6 / n as f64;
+    let idle_after = machine_idle();
+    let idle = match (idle_before, idle_after) {
         (Some((i0, t0)), Some((i1, t1))) if t1 > t0 => (i1 - i0) as f64 / (t1 - t0) as f64,
+        _ => f64::NAN,
+    };
+    // Busy jiffies (USER_HZ 100) of all cores, per message.
+    let machine_us_per_message = match (idle_before, idle_after) {
+        (Some((i0, t0)), Some((i1, t1))) if t1 > t0 => {
+            ((t1 - t0) - (i1 - i0)) as f64 / 100.0 * 1e6 / n as f64
+        }
         _ => f64::NAN,
     };
     let _ = stop_tx.send(());
@@ -337,6 +394,8 @@ async fn through_service(
         idle,
         broker_us_per_message,
         bench_us_per_message,
+        child_us_per_message,
+        machine_us_per_message,
         cpu_us_per_message: cpu * 1e6 / n as f64,
         observed: observed.load(Ordering::Relaxed),
         rss,
@@ -542,8 +601,8 @@ pub(crate) async fn compare_buses(
          publish was accepted, as a share of the run (about 98% when the worker set the pace \
          and the publisher waited on backpressure; 100% when the publisher set it).\n"
     );
-    println!("| round | worker | publishers | embedded bus | {label} | {label} / embedded | service CPU / message, embedded / {label} | last publish accepted at, embedded / {label} | machine idle, embedded / {label} | {label} server CPU / message | bench (publishers) CPU / message, embedded / {label} |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| round | worker | publishers | embedded bus | {label} | {label} / embedded | service CPU / message, embedded / {label} | last publish accepted at, embedded / {label} | machine idle, embedded / {label} | {label} server CPU / message | bench (publishers) CPU / message, embedded / {label} | worker's Python child CPU / message, embedded / {label} | whole machine's CPU / message, embedded / {label} |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let scenarios = [
         ("no-op", NOOP_WORKER, 1),
         ("no-op", NOOP_WORKER, PUBLISHERS),
@@ -591,7 +650,7 @@ pub(crate) async fn compare_buses(
             broker.drop_topic(OUTPUT_TOPIC).await?;
             ratios[i].push(r.rate / e.rate);
             println!(
-                "| {round} | {name} | {publishers} | {:.0}/s | {:.0}/s | {:.0}% | {:.1} / {:.1} µs | {:.0}% / {:.0}% | {:.0}% / {:.0}% | {:.1} µs | {:.1} / {:.1} µs |",
+                "| {round} | {name} | {publishers} | {:.0}/s | {:.0}/s | {:.0}% | {:.1} / {:.1} µs | {:.0}% / {:.0}% | {:.0}% / {:.0}% | {:.1} µs | {:.1} / {:.1} µs | {:.1} / {:.1} µs | {:.1} / {:.1} µs |",
                 e.rate,
                 r.rate,
                 r.rate / e.rate * 100.0,
@@ -603,7 +662,11 @@ pub(crate) async fn compare_buses(
                 r.idle * 100.0,
                 r.broker_us_per_message,
                 e.bench_us_per_message,
-                r.bench_us_per_message
+                r.bench_us_per_message,
+                e.child_us_per_message,
+                r.child_us_per_message,
+                e.machine_us_per_message,
+                r.machine_us_per_message
             );
         }
     }
@@ -626,4 +689,45 @@ pub(crate) async fn compare_buses(
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The parent's pid of `pid` (field 4 of /proc/PID/stat).
+    fn parent_of(pid: u32) -> Option<u32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
+    }
+
+    #[test]
+    fn a_process_started_here_and_the_one_it_started_are_both_counted() {
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "sleep 30 & wait"])
+            .spawn()
+            .unwrap();
+        let grandchild = |found: &[u32]| {
+            found
+                .iter()
+                .copied()
+                .find(|p| parent_of(*p) == Some(child.id()))
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut found = descendants(std::process::id());
+        while grandchild(&found).is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+            found = descendants(std::process::id());
+        }
+        let sleeper = grandchild(&found);
+        let cpu = descendants_cpu(std::process::id());
+        let _ = child.kill();
+        let _ = child.wait();
+        if let Some(pid) = sleeper {
+            let _ = std::process::Command::new("kill").arg(pid.to_string()).status();
+        }
+        assert!(found.contains(&child.id()), "the child itself: {found:?}");
+        let sleeper = sleeper.expect("the child's own child is found too");
+        assert!(cpu.iter().any(|(p, _)| *p == sleeper), "{cpu:?}");
+    }
 }
