@@ -9,12 +9,13 @@
 //! state transaction carrying those ETags (first-write wins). A write that
 //! raced with another one fails its ETag check as a whole; the commit then
 //! reads again and either finds its preconditions broken (a conflict) or
-//! tries once more. A key that does not exist has no ETag to guard it, so
-//! "must be absent" is checked by the read alone: two creators of one key
-//! in the same instant both succeed. Our keys are random UUIDs, the
-//! index and the lease, so that window only matters for the first worker of
-//! a fresh cluster; the store seeds the index at connect to close it there.
-//! Prefix listings come from a key list kept in the same transactions.
+//! tries once more. A key that does not exist has no ETag to guard it:
+//! creations and removals are guarded by the key list instead (the list of
+//! every key, which prefix listings come from), read before the keys and
+//! written, with its ETag, in the same transaction. Of two creators of one
+//! key, the second fails on the key list's ETag and then finds the key.
+//! The key list itself is made with the worker index, which the store
+//! seeds at connect.
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -238,6 +239,21 @@ impl DaprStore {
         let mut versions = Vec::new();
         let mut created = Vec::new();
         let mut removed = Vec::new();
+        // The key list guards every creation and removal: its ETag goes with
+        // the transaction. It is read before the keys, so that a key found
+        // absent here and created by another writer before this commit makes
+        // the key list's ETag stale, and this transaction fail, instead of
+        // both creators succeeding. Writes that must find a version need no
+        // guard beyond their key's own ETag.
+        let guarded = ops.iter().any(|op| match op {
+            WriteOp::Put { pre, .. } | WriteOp::Delete { pre, .. } => {
+                !matches!(pre, Precondition::Version(_))
+            }
+        });
+        let mut key_list = match guarded {
+            true => Some(self.read(KEY_LIST).await?),
+            false => None,
+        };
         for op in ops {
             let (key, pre) = match op {
                 WriteOp::Put { key, pre, .. } | WriteOp::Delete { key, pre } => (key, *pre),
@@ -286,7 +302,11 @@ impl DaprStore {
             }
         }
         if !created.is_empty() || !removed.is_empty() {
-            operations.push(self.key_list_op(&created, &removed).await?);
+            let list = match key_list.take() {
+                Some(list) => list,
+                None => self.read(KEY_LIST).await?,
+            };
+            operations.push(Self::key_list_op(list, &created, &removed)?);
         }
         if operations.is_empty() {
             return Ok(Some(versions));
@@ -314,13 +334,13 @@ impl DaprStore {
         ))
     }
 
-    /// The upsert of the key list with `created` added and `removed` taken out.
-    async fn key_list_op(
-        &self,
+    /// The upsert of the key list `cur` with `created` added and `removed`
+    /// taken out, guarded by the ETag it was read with.
+    fn key_list_op(
+        cur: Current,
         created: &[String],
         removed: &[String],
     ) -> Result<serde_json::Value, StoreError> {
-        let cur = self.read(KEY_LIST).await?;
         let (version, mut list) = match cur.envelope {
             Some((v, bytes)) => (
                 v,
@@ -729,6 +749,12 @@ mod tests {
     async fn concurrent_cas_has_one_winner() {
         let (_f, s) = store().await;
         suite::concurrent_cas_has_one_winner(Arc::new(s)).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn concurrent_creates_have_one_winner() {
+        let (_f, s) = store().await;
+        suite::concurrent_creates_have_one_winner(Arc::new(s)).await;
     }
 
     #[tokio::test]

@@ -214,6 +214,12 @@ mod tests {
         suite::concurrent_cas_has_one_winner(Arc::new(s)).await;
     }
 
+    #[tokio::test(flavor = "multi_thread")]
+    async fn concurrent_creates_have_one_winner() {
+        let (_d, s) = store();
+        suite::concurrent_creates_have_one_winner(Arc::new(s)).await;
+    }
+
     #[tokio::test]
     async fn data_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();

@@ -320,6 +320,12 @@ mod tests {
         suite::concurrent_cas_has_one_winner(Arc::new(s)).await;
     }
 
+    #[tokio::test(flavor = "multi_thread")]
+    async fn concurrent_creates_have_one_winner() {
+        let (_r, s) = store().await;
+        suite::concurrent_creates_have_one_winner(Arc::new(s)).await;
+    }
+
     #[tokio::test]
     async fn data_survives_a_server_restart_and_the_connection_comes_back() {
         let (mut r, s) = store().await;

@@ -109,3 +109,26 @@ pub(crate) async fn concurrent_cas_has_one_winner(s: std::sync::Arc<dyn StateSto
     assert_eq!(winners, 1);
     assert_eq!(s.get("race").await.unwrap().unwrap().version, 2);
 }
+
+/// Creators racing for one new key (a worker record, a lease): exactly one
+/// `Absent` write wins, and the key holds the winner's value.
+pub(crate) async fn concurrent_creates_have_one_winner(s: std::sync::Arc<dyn StateStore>) {
+    let mut tasks = Vec::new();
+    for i in 0..8u8 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            match s.put("fresh", vec![i], Precondition::Absent).await {
+                Ok(_) => Some(i),
+                Err(StoreError::Conflict(_)) => None,
+                Err(e) => panic!("creator {i}: {e}"),
+            }
+        }));
+    }
+    let mut winners = Vec::new();
+    for t in tasks {
+        winners.extend(t.await.unwrap());
+    }
+    assert_eq!(winners.len(), 1, "winners: {winners:?}");
+    let stored = s.get("fresh").await.unwrap().unwrap();
+    assert_eq!((stored.value, stored.version), (winners, 1));
+}

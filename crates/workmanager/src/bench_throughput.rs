@@ -698,7 +698,12 @@ mod tests {
     /// The parent's pid of `pid` (field 4 of /proc/PID/stat).
     fn parent_of(pid: u32) -> Option<u32> {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
+        stat.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
     }
 
     #[test]
@@ -724,7 +729,9 @@ mod tests {
         let _ = child.kill();
         let _ = child.wait();
         if let Some(pid) = sleeper {
-            let _ = std::process::Command::new("kill").arg(pid.to_string()).status();
+            let _ = std::process::Command::new("kill")
+                .arg(pid.to_string())
+                .status();
         }
         assert!(found.contains(&child.id()), "the child itself: {found:?}");
         let sleeper = sleeper.expect("the child's own child is found too");
