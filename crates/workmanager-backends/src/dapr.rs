@@ -250,9 +250,10 @@ impl DaprStore {
                 !matches!(pre, Precondition::Version(_))
             }
         });
-        let mut key_list = match guarded {
-            true => Some(self.read(KEY_LIST).await?),
-            false => None,
+        let mut key_list = if guarded {
+            Some(self.read(KEY_LIST).await?)
+        } else {
+            None
         };
         for op in ops {
             let (key, pre) = match op {

@@ -367,17 +367,14 @@ async fn through_service(
         })
         .sum();
     let child_us_per_message = child_cpu * 1e6 / n as f64;
-    let idle_after = machine_idle();
-    let idle = match (idle_before, idle_after) {
-        (Some((i0, t0)), Some((i1, t1))) if t1 > t0 => (i1 - i0) as f64 / (t1 - t0) as f64,
-        _ => f64::NAN,
-    };
-    // Busy jiffies (USER_HZ 100) of all cores, per message.
-    let machine_us_per_message = match (idle_before, idle_after) {
+    // The idle share, and the busy jiffies (USER_HZ 100) of all cores per
+    // message.
+    let (idle, machine_us_per_message) = match (idle_before, machine_idle()) {
         (Some((i0, t0)), Some((i1, t1))) if t1 > t0 => {
-            ((t1 - t0) - (i1 - i0)) as f64 / 100.0 * 1e6 / n as f64
+            let (idle, total) = ((i1 - i0) as f64, (t1 - t0) as f64);
+            (idle / total, (total - idle) / 100.0 * 1e6 / n as f64)
         }
-        _ => f64::NAN,
+        _ => (f64::NAN, f64::NAN),
     };
     let _ = stop_tx.send(());
     let rss = sampler.await.unwrap_or_default();
